@@ -1,0 +1,131 @@
+"""Train one run: `python -m mach_lightning.fit --config configs/sync.yaml [key=value ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from omegaconf import DictConfig
+
+from mach_lightning import runs
+from mach_lightning.config import ConfigError, load_config
+from mach_lightning.data import DataError, create_datamodule, list_datasets
+from mach_lightning.topologies import create_topology, list_topologies
+
+
+# Lightning suggests srun whenever Slurm is installed; runs launched outside Slurm are intended.
+warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system.*")
+warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
+
+
+class PeriodicCheckpoint(Callback):
+    """Save last.ckpt every N batch steps, from every rank (a collective save, safe under DDP)."""
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path, self.every_n_steps = path, every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.batch_step % self.every_n_steps == 0:
+            trainer.save_checkpoint(self.path)
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor=cfg.run.monitor, mode=cfg.run.monitor_mode, save_top_k=1, save_last=True,
+        )
+    ]
+    if cfg.run.checkpoint_every_n_steps > 0:
+        callbacks.append(PeriodicCheckpoint(ckpt_dir / "last.ckpt", cfg.run.checkpoint_every_n_steps))
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
+    loggers = [runs.RunCSVLogger(run_dir)]
+    if cfg.logger.wandb.enabled:
+        loggers.append(runs.make_wandb_logger(cfg, run_dir))
+    t = cfg.trainer
+    return Trainer(
+        default_root_dir=str(run_dir), logger=loggers, callbacks=build_callbacks(cfg, run_dir),
+        max_epochs=t.max_epochs if t.max_epochs > 0 else -1, accelerator=t.accelerator,
+        devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
+        deterministic=t.deterministic, limit_train_batches=_limit(t.limit_train_batches),
+        limit_val_batches=_limit(t.limit_val_batches), check_val_every_n_epoch=t.check_val_every_n_epoch,
+        log_every_n_steps=1,  # the topology decides when to log (every trainer.log_every_n_steps)
+        enable_progress_bar=t.progress_bar, num_sanity_val_steps=0, enable_model_summary=False,
+    )
+
+
+def _limit(value: float):
+    """Lightning reads 1.0 as 'all' and 10 as '10 batches'; keep integers integers."""
+    return int(value) if value > 1 else value
+
+
+def _resume_step(ckpt_path: str) -> int:
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return int(state.get("topology_state", {}).get("batch_step", 0))
+
+
+def run_fit(cfg: DictConfig) -> dict:
+    """Train, validate and test one run; returns {'run_dir': str, 'metrics': {...}}."""
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = create_datamodule(cfg.data, cfg.seed)
+    datamodule.prepare_data()  # missing or corrupt data fails here, before any run directory exists
+    model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
+    run_dir, ckpt_path = runs.resolve_run(cfg)
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        runs.save_resolved_config(cfg, run_dir)
+        if ckpt_path:
+            runs.truncate_metrics(run_dir, _resume_step(ckpt_path))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
+    if cfg.trainer.test_after_fit:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
+    metrics["step"] = float(model.batch_step)
+    if trainer.is_global_zero:
+        runs.write_result(run_dir, metrics)
+    return {"run_dir": str(run_dir), "metrics": metrics}
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m mach_lightning.fit",
+        description="Train one run. Settings: configs/default.yaml; override with key=value.",
+    )
+    parser.add_argument("--config", help="experiment file layered over configs/default.yaml")
+    parser.add_argument("--list", action="store_true", help="list topologies and datasets")
+    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. seed=1")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print("topologies:", ", ".join(list_topologies()))
+        print("datasets:  ", ", ".join(list_datasets()))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = run_fit(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(result["metrics"].items()) if "acc" in k)
+    print(f"run directory: {result['run_dir']}\n{summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Run directories: where a run lives, how it is resumed, and what it writes.
+
+<run.root>/<name>/<id>/
+  config.yaml        the fully resolved config
+  metrics.csv        every logged metric, one row per log call, against `step`
+  checkpoints/       last.ckpt (always) and best-*.ckpt (by run.monitor)
+  wandb/             the W&B run (offline runs sync later with `wandb sync <run>/wandb/offline-run-*`)
+  result.json        final metrics, written when the run ends normally
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from omegaconf import DictConfig, OmegaConf
+
+from mach_lightning.config import ConfigError
+
+RESULT_FILE = "result.json"
+
+
+def run_parent(cfg: DictConfig) -> Path:
+    return Path(cfg.run.root) / cfg.name
+
+
+def _latest_resumable(parent: Path) -> Optional[Path]:
+    candidates = [p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()]
+    return max(candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime,
+               default=None)
+
+
+def resolve_run(cfg: DictConfig) -> tuple[Path, Optional[str]]:
+    """The run directory and the checkpoint to resume from (None: start fresh)."""
+    if cfg.ckpt_path:
+        ckpt = Path(cfg.ckpt_path)
+        if not ckpt.is_file():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file path.")
+        inside_run = ckpt.parent.name == "checkpoints" and (ckpt.parent.parent / "config.yaml").exists()
+        run_dir = ckpt.parent.parent if inside_run else run_parent(cfg) / _new_id(cfg)
+        return run_dir, str(ckpt)
+    if cfg.run.id:
+        run_dir = run_parent(cfg) / cfg.run.id
+        last = run_dir / "checkpoints" / "last.ckpt"
+        # A fixed id with resume=true and no checkpoint yet is a first start (e.g. a new Slurm job).
+        return run_dir, str(last) if cfg.resume and last.is_file() else None
+    if cfg.resume:
+        found = _latest_resumable(run_parent(cfg))
+        if found is None:
+            raise ConfigError(
+                f"resume=true, but no run under {run_parent(cfg)} has checkpoints/last.ckpt. "
+                f"Start without resume=true, or point ckpt_path= at a checkpoint."
+            )
+        return found, str(found / "checkpoints" / "last.ckpt")
+    return run_parent(cfg) / _new_id(cfg), None
+
+
+def _new_id(cfg: DictConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = stamp, 1
+    while (run_parent(cfg) / candidate).exists():  # two runs started in the same second
+        candidate, n = f"{stamp}-{n}", n + 1
+    return candidate
+
+
+def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+
+
+def write_result(run_dir: Path, metrics: dict) -> None:
+    clean = {k: float(v) for k, v in metrics.items()}
+    (run_dir / RESULT_FILE).write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as file:
+                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+
+
+class RunCSVLogger(CSVLogger):
+    """CSV logger writing <run_dir>/metrics.csv directly, appending across resumes."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(save_dir=str(run_dir), name="", version="")
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop rows logged after the resumed checkpoint, so a resumed run's CSV has no repeats."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        fields, rows = reader.fieldnames or [], list(reader)
+    kept = [r for r in rows if not r.get("step") or float(r["step"]) <= after_step]
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
+    """True if a TCP connection opens within `timeout`; DNS runs in a thread so it cannot hang."""
+    result: list[bool] = []
+
+    def attempt():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def wandb_mode(wandb_cfg) -> str:
+    """online or offline. WANDB_MODE wins; `auto` is offline without an API key or network."""
+    if os.environ.get("WANDB_MODE") in ("online", "offline"):
+        return os.environ["WANDB_MODE"]
+    if wandb_cfg.mode != "auto":
+        return wandb_cfg.mode
+    return "online" if _has_wandb_key() and _reachable("api.wandb.ai") else "offline"
+
+
+def make_wandb_logger(cfg: DictConfig, run_dir: Path):
+    """A WandbLogger whose run id is fixed by the run directory, so resumes continue the same run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = wandb_mode(cfg.logger.wandb)
+    os.environ["WANDB_MODE"] = mode  # also stops wandb from prompting for a key
+    run_id = f"{cfg.name}-{run_dir.name}".replace("/", "-")[:128]
+    w = cfg.logger.wandb
+    return WandbLogger(
+        name=f"{cfg.name}/{run_dir.name}", id=run_id, save_dir=str(run_dir), project=w.project,
+        entity=w.entity, group=w.group, job_type=w.job_type, tags=list(w.tags),
+        offline=mode == "offline", resume="allow", config=OmegaConf.to_container(cfg, resolve=True),
+    )

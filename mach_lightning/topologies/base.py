@@ -1,0 +1,193 @@
+"""The LightningModule all topologies share: components, optimizers, step counter, metrics.
+
+A topology subclasses `TopologyModule` and writes `training_step` with manual optimization; this
+base class does the bookkeeping around it (batch-step counter, timing, metric logging, schedulers,
+checkpointed topology state) so the topology file shows its mechanism and nothing else.
+
+Metric names (the documented scheme, also in the README):
+  train/loss, train/acc            mean over the last `trainer.log_every_n_steps` batch steps
+  val/loss, val/acc, test/...      the full-model output on the split
+  val/acc_c{i}, test/acc_c{i}      component i's own output, for topologies where it has one
+  time/step_ms, time/samples_per_s wall-clock of training_step, same window as train/loss
+Every metric is logged against `step`, the topology's own batch-step counter (Lightning's
+`global_step` counts every optimizer's steps, K per batch here).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from mach_lightning.components import Component, build_optimizer, build_scheduler
+from mach_lightning.nets import build_backbone
+
+MAIN_HEAD = "main"
+
+
+class TrainMeter:
+    """Accumulates training loss, accuracy and step time between log points, without host syncs."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss_sum, self.correct, self.seen, self.steps, self.seconds = 0.0, 0, 0, 0, 0.0
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor, secs: float):
+        self.loss_sum = self.loss_sum + loss.detach()
+        if logits is not None:
+            self.correct = self.correct + (logits.detach().argmax(-1) == y).sum()
+        self.seen += y.shape[0]
+        self.steps += 1
+        self.seconds += secs
+
+    def summary(self) -> dict[str, float]:
+        out = {
+            "train/loss": float(self.loss_sum) / self.steps,
+            "time/step_ms": 1000.0 * self.seconds / self.steps,
+            "time/samples_per_s": self.seen / max(self.seconds, 1e-9),
+        }
+        if not isinstance(self.correct, int):
+            out["train/acc"] = float(self.correct) / self.seen
+        return out
+
+
+class TopologyModule(LightningModule):
+    """Base for every topology: K components from the configured backbone, one optimizer each."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, cfg: DictConfig | dict, input_shape: tuple, num_classes: int):
+        super().__init__()
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.save_hyperparameters(
+            {"config": OmegaConf.to_container(cfg, resolve=True), "input_shape": list(input_shape),
+             "num_classes": num_classes}
+        )
+        self.automatic_optimization = False
+        self.cfg, self.input_shape, self.num_classes = cfg, tuple(input_shape), num_classes
+        self.components = self.build_components()
+        self.batch_step = 0
+        self.eval_metrics = nn.ModuleDict(
+            {split: self._make_eval_metrics() for split in ("val", "test")}
+        )
+        self._meter, self._step_started = TrainMeter(), 0.0
+
+    # ----- structure: subclasses override these to add heads, synthesizers, students -----
+    def build_components(self) -> nn.ModuleList:
+        blocks = build_backbone(self.cfg.model, self.input_shape, self.num_classes)
+        return nn.ModuleList(Component(block, i) for i, block in enumerate(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for component in self.components:
+            x = component(x)
+        return x
+
+    def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits to evaluate: the full model under MAIN_HEAD, plus 'c{i}' per component head."""
+        return {MAIN_HEAD: self(x)}
+
+    def eval_head_names(self) -> list[str]:
+        return [MAIN_HEAD]
+
+    def optimizer_groups(self) -> list[list[nn.Parameter]]:
+        """One parameter list per optimizer; default: one per component."""
+        return [list(c.parameters()) for c in self.components]
+
+    def topology_state_dict(self) -> dict[str, Any]:
+        """In-flight state saved in checkpoints (queues, counters); extend with super()."""
+        return {"batch_step": self.batch_step}
+
+    def load_topology_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_step = int(state.get("batch_step", 0))
+
+    # ----- optimizers -----
+    def configure_optimizers(self):
+        optimizers = [build_optimizer(group, self.cfg.optim) for group in self.optimizer_groups()]
+        schedulers = [build_scheduler(o, self.cfg.optim, self.cfg.trainer.max_epochs) for o in optimizers]
+        return optimizers, [s for s in schedulers if s is not None]
+
+    def component_optimizers(self) -> list:
+        """The optimizers as a list, also when there is only one (Lightning unwraps a single one)."""
+        optimizers = self.optimizers()
+        return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+
+    def on_train_epoch_end(self) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            scheduler.step()
+
+    # ----- bookkeeping around each training step -----
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        elapsed = time.perf_counter() - self._step_started
+        self.batch_step += 1
+        self._meter.update(outputs["loss"], outputs.get("logits"), batch[1], elapsed)
+        if self.batch_step % self.cfg.trainer.log_every_n_steps == 0:
+            self.log_step_metrics(self._meter.summary())
+            self._meter.reset()
+        max_steps = self.cfg.trainer.max_steps
+        if 0 < max_steps <= self.batch_step:
+            self.trainer.should_stop = True
+
+    def log_step_metrics(self, metrics: dict[str, float]) -> None:
+        """Log a dict of floats against the topology's batch step (for extra diagnostics too)."""
+        self.log_dict({**metrics, "step": float(self.batch_step)}, prog_bar=False)
+        if "train/loss" in metrics:
+            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
+
+    # ----- evaluation -----
+    def _make_eval_metrics(self) -> nn.ModuleDict:
+        metrics = {head: MulticlassAccuracy(self.num_classes, average="micro")
+                   for head in self.eval_head_names()}
+        return nn.ModuleDict({**metrics, "loss": MeanMetric()})
+
+    def _eval_step(self, split: str, batch) -> None:
+        x, y = batch
+        logits = self.eval_logits(x)
+        metrics = self.eval_metrics[split]
+        for head, head_logits in logits.items():
+            metrics[head].update(head_logits, y)
+        metrics["loss"].update(F.cross_entropy(logits[MAIN_HEAD], y), weight=y.shape[0])
+
+    def _log_eval(self, split: str) -> None:
+        metrics = self.eval_metrics[split]
+        values = {f"{split}/loss": metrics["loss"].compute()}
+        for head in self.eval_head_names():
+            suffix = "" if head == MAIN_HEAD else f"_{head}"
+            values[f"{split}/acc{suffix}"] = metrics[head].compute()
+        for metric in metrics.values():
+            metric.reset()
+        self.log_dict({**values, "step": float(self.batch_step), "epoch": float(self.current_epoch)})
+        self.log(f"{split}_acc", values[f"{split}/acc"], prog_bar=True, logger=False)
+
+    def validation_step(self, batch, batch_idx) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx) -> None:
+        self._eval_step("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    # ----- checkpoints carry the in-flight state -----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["topology_state"] = self.topology_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_topology_state_dict(checkpoint.get("topology_state", {}))

@@ -1,0 +1,144 @@
+"""`fit` end to end on real data: run directories, step counting, resume, reproducibility, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mach_lightning.fit import run_fit
+
+from .conftest import REPO, tiny_overrides
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(Path(run_dir) / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(Path(run_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    return ckpt["state_dict"]
+
+
+def test_run_directory_holds_everything(tiny_cfg):
+    result = run_fit(tiny_cfg("name=layout", "model.num_components=3"))
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent.name == "layout"
+    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+    rows = read_metrics(run_dir)
+    for key in ("train/loss", "train/acc", "val/acc", "val/loss", "test/acc", "time/step_ms"):
+        assert column(rows, key), f"{key} missing from metrics.csv"
+    saved = json.loads((run_dir / "result.json").read_text())
+    assert saved["test/acc"] == pytest.approx(result["metrics"]["test/acc"])
+    assert saved["test/acc"] > 0.8  # two epochs on digits already learn most of it
+
+
+def test_steps_count_batches_not_optimizer_steps(tiny_cfg):
+    # 3 components = 3 optimizer steps per batch; logged steps must still count batches.
+    result = run_fit(tiny_cfg("model.num_components=3", "trainer.max_epochs=1"))
+    rows = read_metrics(result["run_dir"])
+    batches = int(result["metrics"]["step"])
+    assert batches == 11  # ceil(1294 training digits / 128)
+    assert max(column(rows, "step")) == batches
+
+
+def test_max_steps_counts_batches(tiny_cfg):
+    result = run_fit(tiny_cfg("model.num_components=3", "trainer.max_steps=5"))
+    assert result["metrics"]["step"] == 5
+
+
+def test_same_seed_gives_identical_metrics(tiny_cfg):
+    runs = [run_fit(tiny_cfg("seed=3", f"run.id=r{i}")) for i in range(2)]
+    a, b = (read_metrics(r["run_dir"]) for r in runs)
+    for key in ("train/loss", "val/acc", "val/loss"):
+        assert column(a, key) == column(b, key)
+    assert runs[0]["metrics"]["test/acc"] == runs[1]["metrics"]["test/acc"]
+
+
+def test_other_seed_differs(tiny_cfg):
+    a = run_fit(tiny_cfg("seed=1", "trainer.max_epochs=1"))
+    b = run_fit(tiny_cfg("seed=2", "trainer.max_epochs=1"))
+    assert column(read_metrics(a["run_dir"]), "train/loss") != column(
+        read_metrics(b["run_dir"]), "train/loss"
+    )
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_cfg):
+    flags = ("seed=5", "trainer.deterministic=true", "model.num_components=2")
+    whole = run_fit(tiny_cfg(*flags, "run.id=whole", "trainer.max_epochs=3"))
+    run_fit(tiny_cfg(*flags, "run.id=cut", "trainer.max_epochs=1"))  # "interrupted" after 1
+    resumed = run_fit(tiny_cfg(*flags, "run.id=cut", "trainer.max_epochs=3", "resume=true"))
+    assert resumed["run_dir"].endswith("cut") and resumed["metrics"]["step"] == 33
+    expected, got = final_weights(whole["run_dir"]), final_weights(resumed["run_dir"])
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    steps = column(read_metrics(resumed["run_dir"]), "step")
+    assert steps == sorted(steps)  # the CSV continues, no repeated or lost rows
+
+
+def test_resume_from_explicit_checkpoint(tiny_cfg):
+    first = run_fit(tiny_cfg("run.id=src", "trainer.max_epochs=1"))
+    ckpt = Path(first["run_dir"]) / "checkpoints" / "last.ckpt"
+    resumed = run_fit(tiny_cfg(f"ckpt_path={ckpt}", "trainer.max_epochs=2"))
+    assert resumed["run_dir"] == first["run_dir"] and resumed["metrics"]["step"] == 22
+
+
+def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mach_lightning.fit", *args],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def test_cli_bad_key_stops_before_work(tmp_path):
+    proc = _cli("--config", "configs/sync.yaml", "model.widht=3", f"run.root={tmp_path}")
+    assert proc.returncode == 2
+    assert "Did you mean model.width?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_cli_missing_data_says_where_to_put_it(tmp_path):
+    empty = tmp_path / "nothing-here"
+    proc = _cli("data.name=mnist", f"data.root={empty}", "data.download=false",
+                f"run.root={tmp_path / 'runs'}")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "train-images-idx3-ubyte.gz" in proc.stderr and str(empty) in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_list_names_topologies_and_datasets():
+    proc = _cli("--list")
+    assert proc.returncode == 0
+    assert "sync" in proc.stdout and "digits" in proc.stdout and "mnist" in proc.stdout
+
+
+def test_wandb_goes_offline_without_a_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_SILENT="true")
+    overrides = tiny_overrides(tmp_path, "trainer.max_steps=3", "trainer.test_after_fit=false")
+    overrides = [o for o in overrides if not o.startswith("logger.wandb.enabled")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mach_lightning.fit", *overrides],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline_runs = list((tmp_path / "runs").glob("default/*/wandb/offline-run-*"))
+    assert offline_runs, "no offline W&B run was written"
+    assert list(offline_runs[0].glob("*.wandb"))  # the run's data, ready for `wandb sync`
