@@ -76,6 +76,15 @@ def _resume_step(ckpt_path: str) -> int:
     return int(state.get("topology_state", {}).get("batch_step", 0))
 
 
+def peak_memory_mb() -> float:
+    """Peak device memory on GPU; peak resident memory of this process on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def run_fit(cfg: DictConfig) -> dict:
     """Train, validate and test one run; returns {'run_dir': str, 'metrics': {...}}."""
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -94,6 +103,7 @@ def run_fit(cfg: DictConfig) -> dict:
         trainer.test(model, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
     metrics["step"] = float(model.batch_step)
+    metrics["mem/peak_mb"] = peak_memory_mb()
     if trainer.is_global_zero:
         runs.write_result(run_dir, metrics)
     return {"run_dir": str(run_dir), "metrics": metrics}
