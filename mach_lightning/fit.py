@@ -61,13 +61,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
         deterministic=t.deterministic, limit_train_batches=_limit(t.limit_train_batches),
         limit_val_batches=_limit(t.limit_val_batches), check_val_every_n_epoch=t.check_val_every_n_epoch,
-        log_every_n_steps=1,  # the topology decides when to log (every trainer.log_every_n_steps)
+        log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, num_sanity_val_steps=0, enable_model_summary=False,
     )
 
 
 def _limit(value: float):
-    """Lightning reads 1.0 as 'all' and 10 as '10 batches'; keep integers integers."""
+    """Lightning reads 0.5 as 'half' and 10 as '10 batches'; None (all) keeps its log quiet."""
+    if value == 1.0:
+        return None
     return int(value) if value > 1 else value
 
 

@@ -94,7 +94,8 @@ class RunCSVLogger(CSVLogger):
     """CSV logger writing <run_dir>/metrics.csv directly, appending across resumes."""
 
     def __init__(self, run_dir: Path):
-        super().__init__(save_dir=str(run_dir), name="", version="")
+        # Flush at every log call: the topology logs every N steps, and a crash keeps its rows.
+        super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
 
     @property
     def experiment(self) -> ExperimentWriter:

@@ -53,6 +53,8 @@ def test_steps_count_batches_not_optimizer_steps(tiny_cfg):
     batches = int(result["metrics"]["step"])
     assert batches == 11  # ceil(1294 training digits / 128)
     assert max(column(rows, "step")) == batches
+    train_steps = [float(r["step"]) for r in rows if r.get("train/loss")]
+    assert train_steps == [2.0, 4.0, 6.0, 8.0, 10.0]  # every log_every_n_steps=2, each once
 
 
 def test_max_steps_counts_batches(tiny_cfg):

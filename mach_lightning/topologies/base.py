@@ -9,6 +9,7 @@ Metric names (the documented scheme, also in the README):
   val/loss, val/acc, test/...      the full-model output on the split
   val/acc_c{i}, test/acc_c{i}      component i's own output, for topologies where it has one
   time/step_ms, time/samples_per_s wall-clock of training_step, same window as train/loss
+  time/sim_step_ms, time/sim_elapsed_s  simulated parallel time (engine/simtime.py; `sim_layout`)
 Every metric is logged against `step`, the topology's own batch-step counter (Lightning's
 `global_step` counts every optimizer's steps, K per batch here).
 """
@@ -27,6 +28,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mach_lightning.components import Component, build_optimizer, build_scheduler
+from mach_lightning.engine.simtime import SimClock, SimLayout, slowdowns_from_config
 from mach_lightning.nets import build_backbone
 
 MAIN_HEAD = "main"
@@ -76,6 +78,7 @@ class TopologyModule(LightningModule):
         self.cfg, self.input_shape, self.num_classes = cfg, tuple(input_shape), num_classes
         self.components = self.build_components()
         self.batch_step = 0
+        self.sim_clock = SimClock(cfg.simtime, slowdowns_from_config(cfg))
         self.eval_metrics = nn.ModuleDict(
             {split: self._make_eval_metrics() for split in ("val", "test")}
         )
@@ -104,14 +107,28 @@ class TopologyModule(LightningModule):
 
     def topology_state_dict(self) -> dict[str, Any]:
         """In-flight state saved in checkpoints (queues, counters); extend with super()."""
-        return {"batch_step": self.batch_step}
+        return {"batch_step": self.batch_step, "sim_clock": self.sim_clock.state_dict()}
 
     def load_topology_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_step = int(state.get("batch_step", 0))
+        self.sim_clock.load_state_dict(state.get("sim_clock", {}))
+
+    def sim_layout(self) -> SimLayout:
+        """How components share a step in simulated parallel time; default: a backprop chain."""
+        return SimLayout(parallel=False)
+
+    def step_metrics(self, at_log_point: bool) -> dict[str, float]:
+        """Extra metrics to log after this batch step (diagnostics); extend with super()."""
+        return self.sim_clock.metrics() if at_log_point else {}
+
+    def wrap_optimizer(self, optimizer, index: int):
+        """Hook to wrap optimizer `index` (e.g. delay compensation) before schedulers attach."""
+        return optimizer
 
     # ----- optimizers -----
     def configure_optimizers(self):
-        optimizers = [build_optimizer(group, self.cfg.optim) for group in self.optimizer_groups()]
+        optimizers = [self.wrap_optimizer(build_optimizer(group, self.cfg.optim), i)
+                      for i, group in enumerate(self.optimizer_groups())]
         schedulers = [build_scheduler(o, self.cfg.optim, self.cfg.trainer.max_epochs) for o in optimizers]
         return optimizers, [s for s in schedulers if s is not None]
 
@@ -129,22 +146,35 @@ class TopologyModule(LightningModule):
 
     # ----- bookkeeping around each training step -----
     def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.sim_clock.enabled and not self.sim_clock.measured:
+            self.sim_clock.measure(self.components, batch[0])  # side-effect free; see simtime.py
         self._step_started = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._step_started
         self.batch_step += 1
         self._meter.update(outputs["loss"], outputs.get("logits"), batch[1], elapsed)
-        if self.batch_step % self.cfg.trainer.log_every_n_steps == 0:
-            self.log_step_metrics(self._meter.summary())
+        self.sim_clock.tick(self.sim_layout())
+        at_log_point = self.batch_step % self.cfg.trainer.log_every_n_steps == 0
+        metrics = self.step_metrics(at_log_point)
+        if at_log_point:
+            metrics = {**self._meter.summary(), **metrics}
             self._meter.reset()
+        if metrics:
+            self.log_step_metrics(metrics)
         max_steps = self.cfg.trainer.max_steps
         if 0 < max_steps <= self.batch_step:
             self.trainer.should_stop = True
 
     def log_step_metrics(self, metrics: dict[str, float]) -> None:
-        """Log a dict of floats against the topology's batch step (for extra diagnostics too)."""
-        self.log_dict({**metrics, "step": float(self.batch_step)}, prog_bar=False)
+        """Log a dict of floats against the topology's batch step (for extra diagnostics too).
+
+        Straight to the loggers (rank zero only): values given to `self.log` stay in Lightning's
+        results and are re-sent at every later step, repeating rows and costing time per step.
+        """
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.batch_step)
+        self.log_dict(metrics, logger=False)  # callback_metrics, for callbacks and tests
         if "train/loss" in metrics:
             self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
 
