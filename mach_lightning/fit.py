@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from mach_lightning import runs
@@ -31,6 +32,7 @@ class PeriodicCheckpoint(Callback):
         self.path, self.every_n_steps = path, every_n_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.count_batch()  # callbacks run before the module's own on_train_batch_end
         if pl_module.batch_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.path)
 
@@ -41,6 +43,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
         ModelCheckpoint(
             dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
             monitor=cfg.run.monitor, mode=cfg.run.monitor_mode, save_top_k=1, save_last=True,
+            enable_version_counter=False,  # PeriodicCheckpoint also writes last.ckpt: overwrite it
         )
     ]
     if cfg.run.checkpoint_every_n_steps > 0:
@@ -55,7 +58,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     if cfg.logger.wandb.enabled:
         loggers.append(runs.make_wandb_logger(cfg, run_dir))
     t = cfg.trainer
+    # Under Slurm, submitit owns preemption signals (it requeues the job; the job resumes from
+    # last.ckpt). Lightning's own SIGUSR1 requeue handler would be a second owner.
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     return Trainer(
+        plugins=plugins,
         default_root_dir=str(run_dir), logger=loggers, callbacks=build_callbacks(cfg, run_dir),
         max_epochs=t.max_epochs if t.max_epochs > 0 else -1, accelerator=t.accelerator,
         devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,

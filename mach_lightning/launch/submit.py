@@ -1,0 +1,196 @@
+"""Validate every job, then submit the ones not finished or running, as one submitit job array.
+
+Each job becomes a `TrainTask` with a fixed run directory `<run.root>/<name>/<key>`, `resume=true`,
+and the profile's allocation as trainer settings. Per-job stdout/stderr stay in submitit's folder
+(`<run.root>/<name>/.submitit/`, one per sweep) and are linked from `<run_dir>/logs/`; every
+submission is recorded in `<run_dir>/launch.json`, which `status` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import submitit
+from omegaconf import OmegaConf
+
+from mach_lightning.launch.profiles import ClusterProfile
+from mach_lightning.launch.status import LAUNCH, job_state, squeue_states
+from mach_lightning.launch.sweep import Job, SweepError, format_value
+from mach_lightning.launch.task import TrainTask
+
+COMPARE_IGNORE = ("name", "run", "logger", "resume", "ckpt_path")
+
+
+def load_registries() -> None:
+    """Import what a run imports, so topology and dataset names validate as they will in the job."""
+    import mach_lightning.fit  # noqa: F401
+
+
+def _load(job: Job, index: int, total: int, label: str):
+    from mach_lightning.config import ConfigError, load_config
+
+    try:
+        return load_config(job.config, job.overrides)
+    except ConfigError as err:
+        raise SweepError(
+            f"{label}: job {index + 1} of {total} '{job.key}' is invalid, so nothing "
+            f"was submitted. {err}"
+        ) from None
+
+
+def _placement(job: Job, profile: ClusterProfile) -> None:
+    job.overrides += profile.trainer_overrides()
+    if job.name:
+        job.overrides.append(f"name={job.name}")
+    job.overrides += [f"run.id={job.key}", "resume=true"]
+
+
+def _logging(job: Job, cfg) -> None:
+    root = Path(cfg.run.root).resolve()
+    job.overrides.append(f"run.root={root}")
+    if job.group:
+        job.overrides.append(f"logger.wandb.group={job.group}")
+    job.overrides.append(f"logger.wandb.job_type={cfg.topology.name}")
+    if job.tags:
+        job.overrides.append(
+            f"logger.wandb.tags={format_value(list(cfg.logger.wandb.tags) + job.tags)}"
+        )
+    job.run_dir = root / cfg.name / job.key
+    job.topology = cfg.topology.name
+
+
+def _comparable(cfg) -> str:
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return json.dumps({k: v for k, v in data.items() if k not in COMPARE_IGNORE}, sort_keys=True)
+
+
+def prepare(jobs: list[Job], profile: ClusterProfile, label: str) -> list[Job]:
+    """Validate every job (raising SweepError before anything is submitted), fix its run directory
+    and W&B fields, and drop baselines identical to a job of the sweep."""
+    load_registries()
+    kept, seen = [], {}
+    for index, job in enumerate(jobs):
+        _placement(job, profile)
+        cfg = _load(job, index, len(jobs), label)
+        _logging(job, cfg)  # adds run.root and W&B strings only: no need to validate again
+        comparable = _comparable(cfg)
+        if job.baseline and comparable in seen:
+            continue  # the sweep already has this sync run
+        seen.setdefault(comparable, job)
+        kept.append(job)
+    keys = [j.key for j in kept]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise SweepError(
+            f"{label}: several jobs share the run id(s) {', '.join(duplicates)}; "
+            "give the axes distinct values. Nothing was submitted."
+        )
+    return kept
+
+
+def plan(jobs: list[Job], queue: dict | None = None) -> list[tuple[Job, str]]:
+    """(job, what to do): 'submit', or 'skip: finished' / 'skip: <state>' for live jobs."""
+    queue = squeue_states() if queue is None else queue
+    out = []
+    for job in jobs:
+        state, job_id, _ = job_state(job.run_dir, queue)
+        if state == "FINISHED":
+            out.append((job, "skip: finished"))
+        elif state in ("MISSING", "FAILED", "LOST"):
+            out.append((job, "submit" if state == "MISSING" else f"submit (was {state.lower()})"))
+        else:
+            out.append((job, f"skip: {state.lower()} as {job_id}"))
+    return out
+
+
+def make_executor(profile: ClusterProfile, folder: Path, job_name: str) -> submitit.Executor:
+    if profile.executor == "local":
+        executor = submitit.LocalExecutor(
+            folder, max_num_timeout=profile.max_timeouts, python=profile.python
+        )
+        executor.update_parameters(
+            timeout_min=profile.time_min, tasks_per_node=1, signal_delay_s=profile.signal_delay_s
+        )
+        return executor
+    executor = submitit.SlurmExecutor(
+        folder, max_num_timeout=profile.max_timeouts, python=profile.python
+    )
+    executor.update_parameters(**profile.slurm_parameters(job_name))
+    return executor
+
+
+def sbatch_script(profile: ClusterProfile, folder: Path, job_name: str, count: int) -> str:
+    """The sbatch file submitit would write for `count` jobs (an array when count > 1)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    python = profile.python or shlex.quote(sys.executable)
+    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    params = profile.slurm_parameters(job_name)
+    return _make_sbatch_string(
+        command=command, folder=folder, map_count=count if count > 1 else None, **params
+    )
+
+
+def _record(job: Job, sjob, profile: ClusterProfile, folder: Path) -> None:
+    """launch.json (appending this submission) and logs/ links to submitit's per-task files."""
+    run_dir = job.run_dir
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    tasks = range(profile.world_size if profile.executor == "slurm" else 1)
+    paths = [submitit.core.utils.JobPaths(folder, sjob.job_id, t) for t in tasks]
+    for p in paths:
+        for src in (p.stdout, p.stderr):
+            link = run_dir / "logs" / src.name
+            if not link.is_symlink():
+                link.symlink_to(src)
+    record = json.loads((run_dir / LAUNCH).read_text()) if (run_dir / LAUNCH).is_file() else {}
+    record.update(key=job.key, config=job.config, overrides=job.overrides)
+    record.setdefault("submissions", []).append(
+        {
+            "job_id": sjob.job_id,
+            "executor": profile.executor,
+            "cluster": profile.name,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "folder": str(folder),
+            "stdout": [str(p.stdout) for p in paths],
+            "stderr": [str(p.stderr) for p in paths],
+        }
+    )
+    (run_dir / LAUNCH).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def submit(jobs: list[Job], profile: ClusterProfile, job_name: str) -> list:
+    """Submit jobs (already prepared) as one array; returns submitit jobs in the same order."""
+    if not jobs:
+        return []
+    folder = jobs[0].run_dir.parent / ".submitit"
+    if profile.executor == "local":
+        return _run_local(jobs, profile, folder, job_name)
+    executor = make_executor(profile, folder, job_name)
+    tasks = [TrainTask(j.config, j.overrides, str(j.run_dir)) for j in jobs]
+    with executor.batch():
+        sjobs = [executor.submit(t) for t in tasks]
+    for job, sjob in zip(jobs, sjobs):
+        _record(job, sjob, profile, folder)
+    return sjobs
+
+
+def _run_local(jobs: list[Job], profile: ClusterProfile, folder: Path, job_name: str) -> list:
+    """The local executor, `profile.parallel` jobs at a time; returns when all have ended."""
+    executor = make_executor(profile, folder, job_name)
+    sjobs, running = [], []
+    for job in jobs:
+        while len(running) >= profile.parallel:
+            running = [s for s in running if not s.done()]
+            time.sleep(0.5)
+        sjob = executor.submit(TrainTask(job.config, job.overrides, str(job.run_dir)))
+        _record(job, sjob, profile, folder)
+        print(f"started {job.key} (pid {sjob.job_id})", flush=True)
+        sjobs.append(sjob)
+        running.append(sjob)
+    while any(not s.done() for s in sjobs):
+        time.sleep(0.5)
+    return sjobs
