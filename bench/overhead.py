@@ -4,7 +4,7 @@ Both train the same MLP (same init, same optimizer, same in-memory MNIST batches
 number of steps; repetitions are interleaved (plain, fit, plain, fit, ...) because this machine is
 noisy, and the median per-step time of each is compared. Target: fit / plain <= 1.10.
 
-    python bench/overhead.py [--steps 300] [--reps 3] [--components 1 2 4] [--mnist ../shared/data/mnist]
+    python bench/overhead.py [--steps 300] [--reps 3] [--components 1 2 4] [--mnist DIR]
 """
 
 from __future__ import annotations
@@ -42,13 +42,24 @@ class StepClock(Callback):
 
 
 def make_cfg(args, k: int, run_root: str):
-    return load_config(None, [
-        "data.name=mnist", f"data.root={args.mnist}", "topology.name=sync",
-        f"model.num_components={k}", f"trainer.max_steps={args.steps}", "trainer.max_epochs=100",
-        "trainer.limit_val_batches=0", "trainer.test_after_fit=false", "trainer.accelerator=cpu",
-        "trainer.devices=1", "logger.wandb.enabled=false", f"run.root={run_root}",
-        "trainer.progress_bar=true",
-    ])
+    return load_config(
+        None,
+        [
+            "data.name=mnist",
+            f"data.root={args.mnist}",
+            "topology.name=sync",
+            f"model.num_components={k}",
+            f"trainer.max_steps={args.steps}",
+            "trainer.max_epochs=100",
+            "trainer.limit_val_batches=0",
+            "trainer.test_after_fit=false",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "logger.wandb.enabled=false",
+            f"run.root={run_root}",
+            "trainer.progress_bar=true",
+        ],
+    )
 
 
 def time_fit(cfg, datamodule) -> float:
@@ -61,7 +72,7 @@ def time_fit(cfg, datamodule) -> float:
 
 
 def time_plain(cfg, datamodule, batches) -> float:
-    """The loop a researcher would write by hand: forward, loss, backward, one step per optimizer."""
+    """The loop a researcher writes by hand: forward, loss, backward, one step per optimizer."""
     model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
     blocks = [c.block for c in model.components]
     optimizers = [torch.optim.Adam(b.parameters(), lr=cfg.optim.lr) for b in blocks]
@@ -95,7 +106,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--components", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--mnist", default=str(Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+    parser.add_argument(
+        "--mnist", default=str(Path(__file__).resolve().parents[2] / "shared/data/mnist")
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_root:
         rows = []

@@ -6,7 +6,7 @@ trained by exactly one optimizer, so "one optimizer step per component per batch
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ class Component(nn.Module):
     trained by the component's own optimizer, so it travels with the component's parameters.
     """
 
-    def __init__(self, block: nn.Module, index: int, head: Optional[nn.Module] = None):
+    def __init__(self, block: nn.Module, index: int, head: nn.Module | None = None):
         super().__init__()
         self.index = index
         self.block = block
@@ -34,7 +34,10 @@ def build_optimizer(params: Iterable[nn.Parameter], optim_cfg) -> torch.optim.Op
     params = list(params)
     if optim_cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay
+            params,
+            lr=optim_cfg.lr,
+            momentum=optim_cfg.momentum,
+            weight_decay=optim_cfg.weight_decay,
         )
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)

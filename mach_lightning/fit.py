@@ -6,7 +6,6 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -18,7 +17,6 @@ from mach_lightning import runs
 from mach_lightning.config import ConfigError, load_config
 from mach_lightning.data import DataError, create_datamodule, list_datasets
 from mach_lightning.topologies import create_topology, list_topologies
-
 
 # Lightning suggests srun whenever Slurm is installed; runs launched outside Slurm are intended.
 warnings.filterwarnings("ignore", message=r".*`srun` command is available on your system.*")
@@ -41,13 +39,20 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
         ModelCheckpoint(
-            dirpath=ckpt_dir, filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-            monitor=cfg.run.monitor, mode=cfg.run.monitor_mode, save_top_k=1, save_last=True,
+            dirpath=ckpt_dir,
+            filename="best-epoch{epoch:03d}",
+            auto_insert_metric_name=False,
+            monitor=cfg.run.monitor,
+            mode=cfg.run.monitor_mode,
+            save_top_k=1,
+            save_last=True,
             enable_version_counter=False,  # PeriodicCheckpoint also writes last.ckpt: overwrite it
         )
     ]
     if cfg.run.checkpoint_every_n_steps > 0:
-        callbacks.append(PeriodicCheckpoint(ckpt_dir / "last.ckpt", cfg.run.checkpoint_every_n_steps))
+        callbacks.append(
+            PeriodicCheckpoint(ckpt_dir / "last.ckpt", cfg.run.checkpoint_every_n_steps)
+        )
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks
@@ -63,13 +68,23 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> Trainer:
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     return Trainer(
         plugins=plugins,
-        default_root_dir=str(run_dir), logger=loggers, callbacks=build_callbacks(cfg, run_dir),
-        max_epochs=t.max_epochs if t.max_epochs > 0 else -1, accelerator=t.accelerator,
-        devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
-        deterministic=t.deterministic, limit_train_batches=_limit(t.limit_train_batches),
-        limit_val_batches=_limit(t.limit_val_batches), check_val_every_n_epoch=t.check_val_every_n_epoch,
+        default_root_dir=str(run_dir),
+        logger=loggers,
+        callbacks=build_callbacks(cfg, run_dir),
+        max_epochs=t.max_epochs if t.max_epochs > 0 else -1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        limit_train_batches=_limit(t.limit_train_batches),
+        limit_val_batches=_limit(t.limit_val_batches),
+        check_val_every_n_epoch=t.check_val_every_n_epoch,
         log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.progress_bar, num_sanity_val_steps=0, enable_model_summary=False,
+        enable_progress_bar=t.progress_bar,
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
     )
 
 
@@ -94,6 +109,22 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _test(trainer: Trainer, model, datamodule) -> dict[str, float]:
+    """Test the final weights (test/...) and the best checkpoint if any (test_best/...)."""
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).is_file():
+        model.test_label = "test_best"  # loads the best weights; training is over
+        trainer.test(
+            model, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False
+        )
+        metrics.update(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test_best/")}
+        )
+    return metrics
+
+
 def run_fit(cfg: DictConfig) -> dict:
     """Train, validate and test one run; returns {'run_dir': str, 'metrics': {...}}."""
     seed_everything(cfg.seed, workers=True, verbose=False)
@@ -108,17 +139,16 @@ def run_fit(cfg: DictConfig) -> dict:
             runs.truncate_metrics(run_dir, _resume_step(ckpt_path))
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
-    if cfg.trainer.test_after_fit:
-        trainer.test(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
     metrics["step"] = float(model.batch_step)
+    if cfg.trainer.test_after_fit:
+        metrics.update(_test(trainer, model, datamodule))
     metrics["mem/peak_mb"] = peak_memory_mb()
     if trainer.is_global_zero:
         runs.write_result(run_dir, metrics)
     return {"run_dir": str(run_dir), "metrics": metrics}
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mach_lightning.fit",
         description="Train one run. Settings: configs/default.yaml; override with key=value.",
@@ -129,7 +159,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         print("topologies:", ", ".join(list_topologies()))

@@ -4,7 +4,7 @@
   config.yaml        the fully resolved config
   metrics.csv        every logged metric, one row per log call, against `step`
   checkpoints/       last.ckpt (always) and best-*.ckpt (by run.monitor)
-  wandb/             the W&B run (offline runs sync later with `wandb sync <run>/wandb/offline-run-*`)
+  wandb/             the W&B run (offline: `wandb sync <run>/wandb/offline-run-*` later)
   result.json        final metrics, written when the run ends normally
 """
 
@@ -17,7 +17,6 @@ import socket
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -32,19 +31,22 @@ def run_parent(cfg: DictConfig) -> Path:
     return Path(cfg.run.root) / cfg.name
 
 
-def _latest_resumable(parent: Path) -> Optional[Path]:
+def _latest_resumable(parent: Path) -> Path | None:
     candidates = [p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()]
-    return max(candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime,
-               default=None)
+    return max(
+        candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime, default=None
+    )
 
 
-def resolve_run(cfg: DictConfig) -> tuple[Path, Optional[str]]:
+def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
     """The run directory and the checkpoint to resume from (None: start fresh)."""
     if cfg.ckpt_path:
         ckpt = Path(cfg.ckpt_path)
         if not ckpt.is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give a .ckpt file path.")
-        inside_run = ckpt.parent.name == "checkpoints" and (ckpt.parent.parent / "config.yaml").exists()
+        inside_run = (
+            ckpt.parent.name == "checkpoints" and (ckpt.parent.parent / "config.yaml").exists()
+        )
         run_dir = ckpt.parent.parent if inside_run else run_parent(cfg) / _new_id(cfg)
         return run_dir, str(ckpt)
     if cfg.run.id:
@@ -153,16 +155,29 @@ def wandb_mode(wandb_cfg) -> str:
     return "online" if _has_wandb_key() and _reachable("api.wandb.ai") else "offline"
 
 
+def wandb_run_id(name: str, run_dir: Path) -> str:
+    """The W&B run id of a run: fixed by its directory, so resumes and reports find the same run."""
+    return f"{name}-{Path(run_dir).name}".replace("/", "-")[:128]
+
+
 def make_wandb_logger(cfg: DictConfig, run_dir: Path):
-    """A WandbLogger whose run id is fixed by the run directory, so resumes continue the same run."""
+    """A WandbLogger whose run id is fixed by the run directory: resumes continue the same run."""
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(cfg.logger.wandb)
     os.environ["WANDB_MODE"] = mode  # also stops wandb from prompting for a key
-    run_id = f"{cfg.name}-{run_dir.name}".replace("/", "-")[:128]
+    run_id = wandb_run_id(cfg.name, run_dir)
     w = cfg.logger.wandb
     return WandbLogger(
-        name=f"{cfg.name}/{run_dir.name}", id=run_id, save_dir=str(run_dir), project=w.project,
-        entity=w.entity, group=w.group, job_type=w.job_type, tags=list(w.tags),
-        offline=mode == "offline", resume="allow", config=OmegaConf.to_container(cfg, resolve=True),
+        name=f"{cfg.name}/{run_dir.name}",
+        id=run_id,
+        save_dir=str(run_dir),
+        project=w.project,
+        entity=w.entity,
+        group=w.group,
+        job_type=w.job_type,
+        tags=list(w.tags),
+        offline=mode == "offline",
+        resume="allow",
+        config=OmegaConf.to_container(cfg, resolve=True),
     )

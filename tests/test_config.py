@@ -28,7 +28,9 @@ def _leaf_names(cls, prefix=""):
 
 def test_every_default_yaml_line_has_a_comment():
     lines = [ln for ln in DEFAULT_CONFIG.read_text().splitlines() if ln.strip() and ":" in ln]
-    settings = [ln for ln in lines if not ln.strip().startswith("#") and not ln.rstrip().endswith(":")]
+    settings = [
+        ln for ln in lines if not ln.strip().startswith("#") and not ln.rstrip().endswith(":")
+    ]
     undocumented = [ln for ln in settings if "#" not in ln and "project:" not in ln]
     assert not undocumented, undocumented
     assert len(list(_leaf_names(Config))) == len(settings)

@@ -44,6 +44,8 @@ def test_run_directory_holds_everything(tiny_cfg):
     saved = json.loads((run_dir / "result.json").read_text())
     assert saved["test/acc"] == pytest.approx(result["metrics"]["test/acc"])
     assert saved["test/acc"] > 0.8  # two epochs on digits already learn most of it
+    assert 0.8 < saved["test_best/acc"] <= 1.0  # the best-by-val/acc checkpoint, tested too
+    assert column(rows, "test_best/acc") == [pytest.approx(saved["test_best/acc"])]
 
 
 def test_steps_count_batches_not_optimizer_steps(tiny_cfg):
@@ -103,7 +105,11 @@ def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProce
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "mach_lightning.fit", *args],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -117,8 +123,12 @@ def test_cli_bad_key_stops_before_work(tmp_path):
 
 def test_cli_missing_data_says_where_to_put_it(tmp_path):
     empty = tmp_path / "nothing-here"
-    proc = _cli("data.name=mnist", f"data.root={empty}", "data.download=false",
-                f"run.root={tmp_path / 'runs'}")
+    proc = _cli(
+        "data.name=mnist",
+        f"data.root={empty}",
+        "data.download=false",
+        f"run.root={tmp_path / 'runs'}",
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "train-images-idx3-ubyte.gz" in proc.stderr and str(empty) in proc.stderr
@@ -138,7 +148,12 @@ def test_wandb_goes_offline_without_a_key(tmp_path):
     overrides = [o for o in overrides if not o.startswith("logger.wandb.enabled")]
     proc = subprocess.run(
         [sys.executable, "-m", "mach_lightning.fit", *overrides],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=300, stdin=subprocess.DEVNULL,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     offline_runs = list((tmp_path / "runs").glob("default/*/wandb/offline-run-*"))

@@ -25,11 +25,19 @@ GOLDEN_STEPS = 12
 
 
 def per_step_losses(name: str, tmp_path) -> list[float]:
-    cfg = load_config(None, tiny_overrides(
-        tmp_path, f"topology.name={name}", "model.num_components=3", "seed=0",
-        f"trainer.max_steps={GOLDEN_STEPS}", "trainer.log_every_n_steps=1",
-        "trainer.deterministic=true", "trainer.test_after_fit=false",
-    ))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            f"topology.name={name}",
+            "model.num_components=3",
+            "seed=0",
+            f"trainer.max_steps={GOLDEN_STEPS}",
+            "trainer.log_every_n_steps=1",
+            "trainer.deterministic=true",
+            "trainer.test_after_fit=false",
+        ),
+    )
     return column(read_metrics(run_fit(cfg)["run_dir"]), "train/loss")
 
 

@@ -10,7 +10,12 @@ import torch
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.topologies import TOPOLOGIES, create_topology, list_topologies, register_topology
+from mach_lightning.topologies import (
+    TOPOLOGIES,
+    create_topology,
+    list_topologies,
+    register_topology,
+)
 from mach_lightning.topologies.base import TopologyModule
 
 from .conftest import tiny_overrides
@@ -19,10 +24,17 @@ SMOKE_STEPS = 6  # enough for every component to receive a gradient under the de
 
 
 def _smoke(name: str, tmp_path):
-    cfg = load_config(None, tiny_overrides(
-        tmp_path, f"topology.name={name}", "model.num_components=3",
-        f"trainer.max_steps={SMOKE_STEPS}", "trainer.log_every_n_steps=1", "trainer.max_epochs=1",
-    ))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            tmp_path,
+            f"topology.name={name}",
+            "model.num_components=3",
+            f"trainer.max_steps={SMOKE_STEPS}",
+            "trainer.log_every_n_steps=1",
+            "trainer.max_epochs=1",
+        ),
+    )
     datamodule = create_datamodule(cfg.data, cfg.seed)
     model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}

@@ -1,4 +1,4 @@
-"""Plain `nn.Module` backbones, each expressed as an ordered list of units that split into K blocks."""
+"""Plain `nn.Module` backbones, each an ordered list of units that splits into K blocks."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ BACKBONES = {"mlp": mlp_units, "cnn": cnn_units, "resnet": resnet_units}
 
 
 def split_units(units: list[nn.Module], num_components: int) -> list[nn.Sequential]:
-    """Split units into K contiguous blocks as evenly as possible (earlier blocks take the extra)."""
+    """Split units into K contiguous blocks, as even as possible (earlier blocks take extras)."""
     if num_components > len(units):
         raise ConfigError(
             f"model.num_components={num_components} is more than the {len(units)} layers this "
-            f"backbone has; use at most {len(units)} or a deeper backbone (e.g. a larger model.depth)."
+            f"backbone has; use at most {len(units)} or a deeper backbone (a larger model.depth)."
         )
     base, extra = divmod(len(units), num_components)
     blocks, start = [], 0

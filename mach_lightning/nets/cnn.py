@@ -50,7 +50,7 @@ class BasicBlock(nn.Module):
 
 
 def resnet_units(model_cfg, input_shape: tuple[int, ...], num_classes: int) -> list[nn.Module]:
-    """A stem, one basic block per width in model.channels (stride 2 after the first), classifier."""
+    """A stem, a basic block per width in model.channels (stride 2 after the first), classifier."""
     widths = list(model_cfg.channels)
     stem = nn.Sequential(
         nn.Conv2d(input_shape[0], widths[0], 3, padding=1, bias=False),

@@ -1,0 +1,181 @@
+"""Tables as text cells (shared by report.md, report.html and the W&B Report) and report.md."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+
+from mach_lightning.report.compare import Comparison, Problem, Row, Table
+from mach_lightning.report.metrics import COLUMNS
+from mach_lightning.report.stats import PairedDiff, Summary
+
+DASH = "—"
+MARK = "◆"
+LEGEND = (
+    f"Accuracy in %: mean ± sample std over seeds. Δ: run − matched `sync` baseline, paired "
+    f"by seed, in percentage points, with a 95% Student-t interval; {MARK} marks an interval "
+    "that excludes zero. Steps and simulated parallel time to target: mean ± std over the "
+    "seeds that reached it (reached/seeds when not all did). Wall ms/step: measured "
+    "training step; sim. ms/step: simulated parallel step (one component per device)."
+)
+
+
+def _num(x: float, fmt: str) -> str:
+    return format(x, fmt) if math.isfinite(x) else DASH
+
+
+def fmt_acc(s: Summary | None) -> str:
+    if s is None:
+        return DASH
+    return f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.n > 1 else "")
+
+
+def fmt_delta(d: PairedDiff | None, n_row: int) -> str:
+    if d is None:
+        return DASH
+    text = f"{100 * d.mean:+.2f}"
+    if d.n < 2:
+        return text + " (1 seed, no CI)"
+    text += f" [{100 * d.lo:+.2f}, {100 * d.hi:+.2f}]"
+    if d.n != n_row:
+        text += f" (n={d.n})"
+    return text + (f" {MARK}" if d.excludes_zero else "")
+
+
+def three_digits(x: float) -> str:
+    """A format with three significant digits for x, as fixed decimals (so a std lines up)."""
+    if not math.isfinite(x) or x == 0:
+        return ".0f"
+    return f".{max(0, 2 - math.floor(math.log10(abs(x))))}f"
+
+
+def fmt_reach(s: Summary | None, reached: int, n: int, target: float | None, fmt: str) -> str:
+    if target is None or n == 0:
+        return DASH
+    if s is None:
+        return f"not reached (0/{n})" if reached == 0 else DASH
+    fmt = fmt or three_digits(s.mean)
+    text = _num(s.mean, fmt) + (f" ± {_num(s.std, fmt)}" if s.n > 1 else "")
+    return text + (f" ({reached}/{n})" if reached < n else "")
+
+
+def cell(row: Row, key: str, kind: str) -> str:
+    n = len(row.runs)
+    if kind == "delta":
+        return "baseline" if row.is_baseline else fmt_delta(row.deltas.get(key), n)
+    summary = row.cells.get(key)
+    if kind == "acc":
+        return fmt_acc(summary)
+    if kind == "reach":
+        return fmt_reach(
+            summary, row.reached, n, row.target, ".0f" if key == "steps_to_target" else ""
+        )
+    if summary is None:
+        return DASH
+    return _num(summary.mean, ".0f" if kind == "int" else ".2f")
+
+
+def _seed_note(row: Row) -> str:
+    notes = (
+        [f"{len(row.runs) - len(row.baseline)} unpaired"]
+        if len(row.baseline) < len(row.runs)
+        else []
+    )
+    notes += [f"+{row.excluded} excluded"] if row.excluded else []
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def table_cells(table: Table) -> tuple[list[str], list[list[str]], list[bool]]:
+    """(header, rows of strings, marked rows); columns empty in every row are left out."""
+    header = ["topology, setting", "seeds"] + [title for _, title, _ in COLUMNS]
+    rows = []
+    for row in table.rows:
+        seeds = str(len(row.runs)) + _seed_note(row)
+        rows.append([row.label, seeds] + [cell(row, key, kind) for key, _, kind in COLUMNS])
+    targets = {round(r.target, 6) for r in table.rows if r.target is not None}
+    if len(targets) > 1:
+        header.append("target val acc %")
+        for out, row in zip(rows, table.rows):
+            out.append(DASH if row.target is None else f"{100 * row.target:.2f}")
+    keep = [i for i in range(len(header)) if i < 2 or any(r[i] != DASH for r in rows)]
+    return (
+        [header[i] for i in keep],
+        [[r[i] for i in keep] for r in rows],
+        [row.marked for row in table.rows],
+    )
+
+
+def target_line(table: Table) -> str:
+    targets = sorted({r.target for r in table.rows if r.target is not None})
+    if not targets:
+        return "No target accuracy: no usable baseline (give --target-acc)."
+    value = f" = {100 * targets[0]:.2f}%" if len(targets) == 1 else " (per row, last column)"
+    return f"Time to target: the first logged `val/acc` reaching {table.target_note}{value}."
+
+
+def signature_line(table: Table) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(table.signature.items()))
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(text: str) -> str:
+        return str(text).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def problem_groups(problems: list[Problem]) -> list[tuple[str, list[Problem]]]:
+    kinds = list(dict.fromkeys(p.kind for p in problems))
+    return [(k, [p for p in problems if p.kind == k]) for k in kinds]
+
+
+PROBLEM_NOTE = (
+    "Runs in progress, failed, diverged or repeated are kept out of every mean and difference "
+    "above. Runs without a usable baseline keep their own accuracy in their row (counted as "
+    "unpaired under seeds) but are left out of the difference. Runs whose baseline differs in "
+    "optim/trainer settings are paired anyway: read the detail."
+)
+
+
+def write_markdown(comp: Comparison, name: str, figures: dict[int, list[tuple[str, str]]]) -> str:
+    """report.md's text; figures: table index -> [(caption, file name)]."""
+    out = [
+        f"# Comparison report: {name}",
+        "",
+        f"{len(comp.runs)} runs, generated {datetime.now():%Y-%m-%d %H:%M} by "
+        f"`python -m mach_lightning.report`.",
+        "",
+        LEGEND,
+        "",
+    ]
+    for i, table in enumerate(comp.tables):
+        header, rows, _ = table_cells(table)
+        out += [
+            f"## {table.title}",
+            "",
+            f"Settings: `{signature_line(table)}`",
+            "",
+            target_line(table),
+            "",
+            md_table(header, rows),
+            "",
+        ]
+        out += [f"![{caption}]({path})\n" for caption, path in figures.get(i, [])]
+    out += ["## Problems", ""]
+    if not comp.problems:
+        out += ["None: every run finished with a finite loss and has a matching baseline.", ""]
+    else:
+        out += [PROBLEM_NOTE, ""]
+    for kind, items in problem_groups(comp.problems):
+        out += [
+            f"### {kind} ({len(items)})",
+            "",
+            md_table(["run", "row", "detail"], [[p.run, p.label, p.detail] for p in items]),
+            "",
+        ]
+    return "\n".join(out)
