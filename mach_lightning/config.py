@@ -9,11 +9,12 @@ run before any work, with a message naming the key, the layer it came from and t
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -56,6 +57,66 @@ class DataConfig:
 @dataclass
 class TopologyConfig:
     name: str = "sync"  # a registered topology: see `python -m mach_lightning.fit --list`
+    # --- stale-gradient topologies (delayed, local); other topologies ignore these ---
+    grad_mode: str = "stash"  # delayed: stash (forward-time weights) | recompute (current ones)
+    dcasgd_lambda: float = 0.0  # delayed: DC-ASGD delay compensation strength; 0 = plain optimizer
+    dcasgd_lr_scaling: bool = False  # delayed: divide the lr by the applied staleness (SA-ASGD)
+    aux_head: str = "linear"  # local: auxiliary classifier per component: linear | mlp
+    aux_hidden: int = 256  # local: hidden width of aux_head=mlp
+    async_buffer: int = 0  # local: replay buffer of M stale activations per component (0: off)
+
+
+@dataclass
+class StalenessConfig:
+    schedule: str = "pipeline"  # constant | pipeline | list | uniform | geometric | straggler
+    k: int = 1  # constant: every component's delay in batch steps
+    delays: list[int] = field(default_factory=list)  # list: one delay per component
+    cap: int = 4  # uniform/geometric: largest delay drawn (bounds the in-flight memory)
+    p: float = 0.5  # geometric: P(delay = d) is p * (1 - p)^d, clipped at cap
+    seed: int | None = None  # seed of the random schedules; null: the run's seed
+    straggler_component: int = 0  # straggler: index of the slowed component
+    straggler_factor: float = 2.0  # straggler: how many times slower that component is
+
+
+@dataclass
+class DiagnosticsConfig:
+    cosine_every_n_steps: int = 100  # cosine of applied vs true sync gradient each N steps; 0 off
+
+
+@dataclass
+class SimTimeConfig:
+    enabled: bool = True  # log time/sim_step_ms and time/sim_elapsed_s (one component per device)
+    measure_reps: int = 5  # timed forward/backward repetitions per component on the first batch
+    link_latency_us: float = 10.0  # latency of one message between devices, microseconds
+    link_bandwidth_gbs: float = 16.0  # link bandwidth between devices, GB/s
+
+
+@dataclass
+class SynthConfig:
+    """Gradient synthesizers of dni/cdni (mach_lightning/synth.py)."""
+
+    hidden: int = 1024  # hidden width of each synthesizer (MLP units or conv channels)
+    layers: int = 1  # hidden layers of each synthesizer; 0: a linear map
+    optimizer: str = "adam"  # the synthesizers' own optimizer: adam | adamw | sgd
+    lr: float = 1e-4  # synthesizers' learning rate
+    warmup_steps: int = 0  # batch steps of true (backprop) gradients before synthetic ones
+    scale: float = 1.0  # multiplies the synthetic gradient a component applies to its weights
+
+
+@dataclass
+class MachConfig:
+    """The MACH family: teachers, target heads and students (mach_lightning/mach.py)."""
+
+    # What each teacher consumes in training: neighbour (the real neighbour's embedding), student
+    # (its student's imitation) or both (one target loss on each); a list gives one per component.
+    # Evaluation (acc_c{i}) always uses the student. true/false read as student/neighbour.
+    use_student: Any = "neighbour"  # neighbour | student | both, or a list, e.g. [both, neighbour]
+    target_weight: float = 1.0  # weight of each component's task (cross-entropy) loss
+    student_weight: float = 1.0  # weight of each student's distillation (MSE) loss
+    student_width: int = 512  # MLP student hidden width
+    student_depth: int = 1  # MLP student hidden layers before the embedding layer
+    upstream_frozen: bool = False  # mach_single: keep the upstream's weights fixed
+    upstream_ckpt: str | None = None  # mach_single: start the upstream from a sync checkpoint
 
 
 @dataclass
@@ -79,8 +140,9 @@ class TrainerConfig:
 @dataclass
 class RunConfig:
     root: str = "runs"  # run directories go to <root>/<name>/<id>
-    id: Optional[str] = None  # defaults to a timestamp; fixed ids make resumable runs
+    id: str | None = None  # defaults to a timestamp; fixed ids make resumable runs
     checkpoint_every_n_steps: int = 0  # also save last.ckpt every N batch steps (0: epoch ends)
+    slurm_job_id: str | None = None  # set by the Slurm launcher; recorded in W&B's config
     monitor: str = "val/acc"  # metric that picks the best checkpoint
     monitor_mode: str = "max"  # max | min
 
@@ -90,9 +152,9 @@ class WandbConfig:
     enabled: bool = True
     mode: str = "auto"  # auto (offline without API key or network) | online | offline
     project: str = "mach_lightning"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    job_type: Optional[str] = None
+    entity: str | None = None
+    group: str | None = None
+    job_type: str | None = None
     tags: list[str] = field(default_factory=list)
 
 
@@ -106,11 +168,16 @@ class Config:
     name: str = "default"  # run name: the run directory is <run.root>/<name>/<id>
     seed: int = 0  # seeds python, numpy, torch and the data order
     resume: bool = False  # continue the latest run of this name from its last.ckpt
-    ckpt_path: Optional[str] = None  # or continue from this checkpoint
+    ckpt_path: str | None = None  # or continue from this checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    simtime: SimTimeConfig = field(default_factory=SimTimeConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    mach: MachConfig = field(default_factory=MachConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -244,8 +311,8 @@ def _import_registries() -> None:
 
 
 def load_config(
-    path: Optional[str | Path] = None,
-    overrides: Optional[list[str]] = None,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
     schema_cls: type = Config,
 ) -> DictConfig:
     """Build and validate a run config: schema, default.yaml, experiment file, overrides."""
@@ -283,3 +350,78 @@ def validate_semantics(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}.")
     if cfg.trainer.max_epochs < 1 and cfg.trainer.max_steps < 1:
         raise ConfigError("Set trainer.max_epochs >= 1 or trainer.max_steps >= 1: nothing to do.")
+    _validate_staleness(cfg)
+    _validate_synth_and_mach(cfg)
+
+
+def _validate_staleness(cfg: DictConfig) -> None:
+    """Staleness schedule, stale-gradient topology, diagnostics and simulated-time settings."""
+    s, k = cfg.staleness, cfg.model.num_components
+    if s.k < 0 or s.cap < 0:
+        raise ConfigError(f"staleness.k and staleness.cap must be >= 0 (got {s.k}, {s.cap}).")
+    if s.schedule == "list" and (len(s.delays) != k or min(s.delays, default=0) < 0):
+        raise ConfigError(
+            f"staleness.schedule=list needs staleness.delays with one delay >= 0 per component "
+            f"(model.num_components={k}), got {list(s.delays)}; e.g. staleness.delays=[2,1,0]."
+        )
+    if not 0.0 < s.p <= 1.0:
+        raise ConfigError(f"staleness.p must lie in (0, 1], got {s.p}.")
+    if s.schedule == "straggler" and not 0 <= s.straggler_component < k:
+        raise ConfigError(
+            f"staleness.straggler_component={s.straggler_component} is not a component index; "
+            f"use 0..{k - 1} (model.num_components={k})."
+        )
+    if s.straggler_factor < 1.0:
+        raise ConfigError(f"staleness.straggler_factor must be >= 1, got {s.straggler_factor}.")
+    t = cfg.topology
+    if t.dcasgd_lambda < 0 or t.async_buffer < 0 or t.aux_hidden < 1:
+        raise ConfigError(
+            "topology.dcasgd_lambda and topology.async_buffer must be >= 0, "
+            "topology.aux_hidden >= 1."
+        )
+    if cfg.diagnostics.cosine_every_n_steps < 0:
+        raise ConfigError("diagnostics.cosine_every_n_steps must be >= 0 (0 turns it off).")
+    sim = cfg.simtime
+    if sim.measure_reps < 1 or sim.link_latency_us < 0 or sim.link_bandwidth_gbs <= 0:
+        raise ConfigError(
+            "simtime.measure_reps must be >= 1, simtime.link_latency_us >= 0 and "
+            "simtime.link_bandwidth_gbs > 0."
+        )
+
+
+STUDENT_MODES = ("neighbour", "student", "both")
+
+
+def resolve_student_modes(use_student: Any, num_components: int) -> list[str]:
+    """mach.use_student as one mode per component: a single value applies to every component."""
+    is_list = isinstance(use_student, (list, tuple, ListConfig))
+    values = list(use_student) if is_list else [use_student]
+    modes = [
+        {True: "student", False: "neighbour"}.get(v, v) if isinstance(v, bool) else v
+        for v in values
+    ]
+    if len(modes) == 1:
+        modes = modes * num_components
+    if len(modes) != num_components or any(m not in STUDENT_MODES for m in modes):
+        raise ConfigError(
+            f"mach.use_student={use_student} must be one of {', '.join(STUDENT_MODES)} (or "
+            f"true/false), or a list with one per component (model.num_components={num_components})"
+            f", e.g. mach.use_student=[both,neighbour]."
+        )
+    return modes
+
+
+def _validate_synth_and_mach(cfg: DictConfig) -> None:
+    """Synthesizer (dni, cdni) and MACH settings."""
+    synth, mach = cfg.synth, cfg.mach
+    if synth.hidden < 1 or synth.layers < 0 or synth.warmup_steps < 0:
+        raise ConfigError("synth.hidden must be >= 1, synth.layers and synth.warmup_steps >= 0.")
+    if synth.lr <= 0 or synth.scale <= 0:
+        raise ConfigError(
+            f"synth.lr and synth.scale must be positive (got {synth.lr}, {synth.scale})."
+        )
+    if mach.target_weight < 0 or mach.student_weight < 0:
+        raise ConfigError("mach.target_weight and mach.student_weight must be >= 0.")
+    if mach.student_width < 1 or mach.student_depth < 0:
+        raise ConfigError("mach.student_width must be >= 1 and mach.student_depth >= 0.")
+    resolve_student_modes(mach.use_student, cfg.model.num_components)

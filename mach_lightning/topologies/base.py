@@ -71,8 +71,11 @@ class TopologyModule(LightningModule):
         super().__init__()
         cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
         self.save_hyperparameters(
-            {"config": OmegaConf.to_container(cfg, resolve=True), "input_shape": list(input_shape),
-             "num_classes": num_classes}
+            {
+                "config": OmegaConf.to_container(cfg, resolve=True),
+                "input_shape": list(input_shape),
+                "num_classes": num_classes,
+            }
         )
         self.automatic_optimization = False
         self.cfg, self.input_shape, self.num_classes = cfg, tuple(input_shape), num_classes
@@ -83,6 +86,8 @@ class TopologyModule(LightningModule):
             {split: self._make_eval_metrics() for split in ("val", "test")}
         )
         self._meter, self._step_started = TrainMeter(), 0.0
+        self.test_label = "test"  # fit sets "test_best" while testing the best checkpoint
+        self._batch_counted = True  # False between a batch's start and its count_batch()
 
     # ----- structure: subclasses override these to add heads, synthesizers, students -----
     def build_components(self) -> nn.ModuleList:
@@ -127,13 +132,17 @@ class TopologyModule(LightningModule):
 
     # ----- optimizers -----
     def configure_optimizers(self):
-        optimizers = [self.wrap_optimizer(build_optimizer(group, self.cfg.optim), i)
-                      for i, group in enumerate(self.optimizer_groups())]
-        schedulers = [build_scheduler(o, self.cfg.optim, self.cfg.trainer.max_epochs) for o in optimizers]
+        optimizers = [
+            self.wrap_optimizer(build_optimizer(group, self.cfg.optim), i)
+            for i, group in enumerate(self.optimizer_groups())
+        ]
+        schedulers = [
+            build_scheduler(o, self.cfg.optim, self.cfg.trainer.max_epochs) for o in optimizers
+        ]
         return optimizers, [s for s in schedulers if s is not None]
 
     def component_optimizers(self) -> list:
-        """The optimizers as a list, also when there is only one (Lightning unwraps a single one)."""
+        """The optimizers as a list, also when there is one (Lightning unwraps a single one)."""
         optimizers = self.optimizers()
         return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
 
@@ -149,12 +158,20 @@ class TopologyModule(LightningModule):
         if self.sim_clock.enabled and not self.sim_clock.measured:
             self.sim_clock.measure(self.components, batch[0])  # side-effect free; see simtime.py
         self._step_started = time.perf_counter()
+        self._batch_counted = False
+
+    def count_batch(self) -> None:
+        """Count the batch just trained (once). Callbacks' on_train_batch_end runs before this
+        module's, so a checkpoint saved there calls this first and stores a matching step."""
+        if not self._batch_counted:
+            self._batch_counted = True
+            self.batch_step += 1
+            self.sim_clock.tick(self.sim_layout())
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._step_started
-        self.batch_step += 1
+        self.count_batch()
         self._meter.update(outputs["loss"], outputs.get("logits"), batch[1], elapsed)
-        self.sim_clock.tick(self.sim_layout())
         at_log_point = self.batch_step % self.cfg.trainer.log_every_n_steps == 0
         metrics = self.step_metrics(at_log_point)
         if at_log_point:
@@ -180,8 +197,10 @@ class TopologyModule(LightningModule):
 
     # ----- evaluation -----
     def _make_eval_metrics(self) -> nn.ModuleDict:
-        metrics = {head: MulticlassAccuracy(self.num_classes, average="micro")
-                   for head in self.eval_head_names()}
+        metrics = {
+            head: MulticlassAccuracy(self.num_classes, average="micro")
+            for head in self.eval_head_names()
+        }
         return nn.ModuleDict({**metrics, "loss": MeanMetric()})
 
     def _eval_step(self, split: str, batch) -> None:
@@ -192,16 +211,18 @@ class TopologyModule(LightningModule):
             metrics[head].update(head_logits, y)
         metrics["loss"].update(F.cross_entropy(logits[MAIN_HEAD], y), weight=y.shape[0])
 
-    def _log_eval(self, split: str) -> None:
-        metrics = self.eval_metrics[split]
-        values = {f"{split}/loss": metrics["loss"].compute()}
+    def _log_eval(self, split: str, label: str | None = None) -> None:
+        metrics, label = self.eval_metrics[split], label or split
+        values = {f"{label}/loss": metrics["loss"].compute()}
         for head in self.eval_head_names():
             suffix = "" if head == MAIN_HEAD else f"_{head}"
-            values[f"{split}/acc{suffix}"] = metrics[head].compute()
+            values[f"{label}/acc{suffix}"] = metrics[head].compute()
         for metric in metrics.values():
             metric.reset()
-        self.log_dict({**values, "step": float(self.batch_step), "epoch": float(self.current_epoch)})
-        self.log(f"{split}_acc", values[f"{split}/acc"], prog_bar=True, logger=False)
+        self.log_dict(
+            {**values, "step": float(self.batch_step), "epoch": float(self.current_epoch)}
+        )
+        self.log(f"{label}_acc", values[f"{label}/acc"], prog_bar=True, logger=False)
 
     def validation_step(self, batch, batch_idx) -> None:
         self._eval_step("val", batch)
@@ -213,10 +234,11 @@ class TopologyModule(LightningModule):
         self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        self._log_eval("test", label=self.test_label)
 
     # ----- checkpoints carry the in-flight state -----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.count_batch()  # saved from a callback's on_train_batch_end: the batch is trained
         checkpoint["topology_state"] = self.topology_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,35 @@
+"""MACH, complete graph: each of K components consumes the concatenation of all others' embeddings.
+
+Component i's teacher sees x and [e_j for j != i] (in index order), or the imitation of that
+concatenation by its one student. The graph has cycles, so what a component publishes to the
+others is its *standalone* embedding f_j(x, s_j(x)) (student-wired, computed first, no waiting);
+with use_student=neighbour a teacher is then trained on the others' published embeddings, and its
+gradient reaches them (teacher and student) delayed by their d_j. Evaluation as in mach_seq.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mach_lightning.mach import build_mach_component, teacher_embedding_dim
+from mach_lightning.topologies import register_topology
+from mach_lightning.topologies.mach_base import MachTopology
+
+
+@register_topology
+class MachKGraph(MachTopology):
+    """f_i(x, [e_j]_{j != i}); students s_i(x) ~ [e_j]_{j != i}."""
+
+    name = "mach_kgraph"
+    publish_standalone = True
+
+    def build_components(self) -> nn.ModuleList:
+        k = self.cfg.model.num_components
+        dim = teacher_embedding_dim(self.cfg, self.input_shape, self.num_classes)
+        return nn.ModuleList(
+            build_mach_component(self.cfg, self.input_shape, self.num_classes, i, (k - 1) * dim)
+            for i in range(k)
+        )
+
+    def neighbours(self, i: int) -> list[int]:
+        return [j for j in range(self.num_nodes()) if j != i]

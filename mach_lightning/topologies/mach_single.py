@@ -1,0 +1,111 @@
+"""MACH, single: one teacher with one student on top of an upstream network, F(x) = f0(x, s(x)).
+
+The upstream is the configured backbone split into K-1 components (a sync-backprop chain with its
+own head and loss, one optimizer per component); its embedding is the activation entering its
+final linear layer. Component 0 is a MACH teacher consuming x and that embedding (or its student's
+imitation, mach.use_student[0]); its student s(x) distils the upstream's embedding. The upstream is
+co-trained (its own loss plus the teacher's gradient, delayed by d_1) or, with
+mach.upstream_frozen, fixed; mach.upstream_ckpt starts it from a `sync` run with K-1 components
+(same backbone). Evaluation: acc_c0 is the teacher with its student, acc_c1 the upstream alone,
+val/acc the teacher as trained.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from mach_lightning.components import Component
+from mach_lightning.config import ConfigError
+from mach_lightning.mach import EmbeddingOf, build_mach_component, embed_through, final_linear
+from mach_lightning.nets import build_backbone
+from mach_lightning.topologies import register_topology
+from mach_lightning.topologies.mach_base import MachTopology
+
+UPSTREAM = 1  # the upstream's node index; its components are self.components[1:]
+
+
+@register_topology
+class MachSingle(MachTopology):
+    """Node 0: teacher f0(x, e) + student s(x) ~ e; node 1: the upstream chain producing e."""
+
+    name = "mach_single"
+
+    def build_components(self) -> nn.ModuleList:
+        k = self.cfg.model.num_components
+        if k < 2:
+            raise ConfigError(
+                "mach_single needs model.num_components >= 2: one teacher and an "
+                "upstream of K-1 components, e.g. model.num_components=2."
+            )
+        upstream_model = OmegaConf.merge(self.cfg.model, {"num_components": k - 1})
+        blocks = build_backbone(upstream_model, self.input_shape, self.num_classes)
+        upstream = [Component(block, i + 1) for i, block in enumerate(blocks)]
+        dim = final_linear(blocks[-1]).in_features
+        teacher = build_mach_component(self.cfg, self.input_shape, self.num_classes, 0, dim)
+        components = nn.ModuleList([teacher, *upstream])
+        if self.cfg.mach.upstream_ckpt:
+            load_upstream(components, self.cfg.mach.upstream_ckpt)
+        if self.cfg.mach.upstream_frozen:
+            for component in upstream:
+                component.requires_grad_(False)
+        return components
+
+    def num_nodes(self) -> int:
+        return 2
+
+    def neighbours(self, i: int) -> list[int]:
+        return [UPSTREAM] if i == 0 else []
+
+    def publish_order(self) -> list[int]:
+        return [UPSTREAM, 0]
+
+    def node_modules(self, i: int) -> list[nn.Module]:
+        return list(self.components[1:]) if i == UPSTREAM else [self.components[0]]
+
+    def embed(self, i, x, neighbour, weights=None, use_student=False) -> torch.Tensor:
+        if i != UPSTREAM:
+            return super().embed(i, x, neighbour, weights, use_student)
+        upstream = self.components[1:]
+        if weights is None:
+            for component in upstream[:-1]:
+                x = component(x)
+            return embed_through(upstream[-1].block, x)
+        for component, w in zip(upstream[:-1], weights):
+            x = torch.func.functional_call(component, w, (x,))
+        return torch.func.functional_call(EmbeddingOf(upstream[-1].block), weights[-1], (x,))
+
+    def classify(self, i: int, embedding: torch.Tensor) -> torch.Tensor:
+        if i == UPSTREAM:
+            return final_linear(self.components[-1].block)(embedding)
+        return super().classify(i, embedding)
+
+    def imitate(self, i: int, x: torch.Tensor) -> torch.Tensor | None:
+        return None if i == UPSTREAM else super().imitate(i, x)
+
+    def embedding_width(self, j: int) -> int:
+        if j == UPSTREAM:
+            return final_linear(self.components[-1].block).in_features
+        return super().embedding_width(j)
+
+    def standalone_model(self, i: int) -> nn.Module:
+        return nn.Sequential(*self.components[1:]) if i == UPSTREAM else super().standalone_model(i)
+
+
+def load_upstream(components: nn.ModuleList, ckpt_path: str) -> None:
+    """Copy a sync run's component weights (K-1 components) into components 1..K-1."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    prefix = "components."
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix) :].split(".", 1)
+            renamed[f"{int(index) + 1}.{rest}"] = value
+    wanted = {k for k in components.state_dict() if not k.startswith("0.")}
+    if set(renamed) != wanted:
+        raise ConfigError(
+            f"mach.upstream_ckpt={ckpt_path} does not hold a sync model with "
+            f"{len(components) - 1} components of this backbone."
+        )
+    components.load_state_dict({**components.state_dict(), **renamed})

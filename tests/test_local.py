@@ -1,0 +1,259 @@
+"""`local` (Decoupled Greedy Learning), and both stale topologies through `fit`: resume, DDP."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback
+
+from mach_lightning import fit
+from mach_lightning.fit import run_fit
+
+from .conftest import REPO
+from .test_delayed import (
+    INPUT_SHAPE,
+    STEPS,
+    Recorder,
+    make_batches,
+    make_cfg,
+    train,
+)
+from .test_fit import final_weights
+
+
+def local_gradients(model, weights: dict, inputs: list, y, index: int) -> list[torch.Tensor]:
+    """Component `index`'s gradient of its own loss, with `weights`, on `inputs[index]`."""
+    component = copy.deepcopy(model.components[index])
+    prefix = f"{index}."
+    component.load_state_dict(
+        {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    )
+    out = component(inputs[index])
+    loss = F.cross_entropy(out if component.head is None else component.head(out), y)
+    return list(torch.autograd.grad(loss, list(component.parameters())))
+
+
+def chain_inputs(model, weights: dict, x) -> list[torch.Tensor]:
+    """The input each component sees for x, going forward with `weights`."""
+    components = copy.deepcopy(model.components)
+    components.load_state_dict(weights)
+    inputs, h = [], x
+    with torch.no_grad():
+        for component in components:
+            inputs.append(h)
+            h = component(h)
+    return inputs
+
+
+def test_components_get_aux_heads_and_no_gradient_crosses_them():
+    batches, recorder = make_batches(), Recorder()
+    model, _ = train(
+        make_cfg("topology.name=local", "staleness.schedule=constant", "staleness.k=0"),
+        batches,
+        recorder,
+    )
+    assert [c.head is not None for c in model.components] == [True, True, False]
+    assert model.eval_head_names() == ["main", "c0", "c1"]
+    for t in range(STEPS):
+        x, y = batches[t]
+        inputs = chain_inputs(model, recorder.weights[t], x)
+        for i in range(3):
+            expected = local_gradients(model, recorder.weights[t], inputs, y, i)
+            for got, want in zip(recorder.applied[(t, i)], expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_delayed_inputs_are_the_activations_of_batch_t_minus_k():
+    k, batches, recorder = 2, make_batches(), Recorder()
+    model, _ = train(
+        make_cfg("topology.name=local", "staleness.schedule=constant", f"staleness.k={k}"),
+        batches,
+        recorder,
+    )
+    assert sorted({t for t, _ in recorder.applied}) == list(range(k, STEPS))
+    for t in range(k, STEPS):
+        x, y = batches[t - k]
+        inputs = chain_inputs(model, recorder.weights[t - k], x)  # produced when t-k was fresh
+        for i in range(3):
+            expected = local_gradients(model, recorder.weights[t], inputs, y, i)  # current weights
+            for got, want in zip(recorder.applied[(t, i)], expected, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_async_buffer_with_a_straggler_trains_on_stale_samples():
+    flags = (
+        "topology.name=local",
+        "topology.async_buffer=3",
+        "staleness.schedule=straggler",
+        "staleness.straggler_component=1",
+        "staleness.straggler_factor=2",
+        "diagnostics.cosine_every_n_steps=4",
+        "simtime.enabled=true",
+    )
+    batches = make_batches(12)
+    model, trainer = train(make_cfg(*flags), batches)
+    hist = model.staleness.histograms
+    assert dict(hist[0]) == {0: 12}  # component 0 reads the data, every step
+    assert sum(hist[1].values()) == 6  # the straggler works one step in two
+    assert min(hist[2]) >= 1 and sum(hist[2].values()) == 10  # buffer empty until step 2
+    assert all(len(b) <= 3 for b in model.buffers)
+    assert model.sim_layout().rates == [1.0, 0.5, 1.0]
+    assert (
+        "diag/cos_c0" in trainer.callback_metrics and "time/sim_step_ms" in trainer.callback_metrics
+    )
+    again, _ = train(make_cfg(*flags), batches)
+    other, _ = train(make_cfg(*flags, "staleness.seed=9"), batches)
+    weights = [list(m.components.state_dict().values()) for m in (model, again, other)]
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(weights[0], weights[2]))
+
+
+def test_mlp_head_and_conv_features_pool_to_a_small_head():
+    model, _ = train(
+        make_cfg(
+            "topology.name=local",
+            "topology.aux_head=mlp",
+            "topology.aux_hidden=7",
+            "model.backbone=cnn",
+            "model.channels=[4,8]",
+            "staleness.schedule=constant",
+            "staleness.k=0",
+        ),
+        make_batches(2),
+    )
+    head = model.components[0].head
+    assert isinstance(head[0], torch.nn.AdaptiveAvgPool2d) and head[2].in_features == 4 * 2 * 2
+    assert head[2].out_features == 7
+    logits = model.eval_logits(torch.zeros(2, *INPUT_SHAPE))
+    assert set(logits) == {"main", "c0", "c1"} and logits["c1"].shape == (2, 10)
+
+
+# ----- through `fit`: resume after a preemption, and plain DDP -----
+
+
+class Preempt(Callback):
+    """Dies right after the batch at which a periodic checkpoint was saved (a killed job)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, module, *args):
+        if module.batch_step == self.at_step:
+            raise RuntimeError("preempted")
+
+
+def resumed_equals_uninterrupted(tiny_cfg, monkeypatch, *flags: str, cut: int = 16) -> dict:
+    """Train 2 digits epochs whole, and cut at `cut` + resumed; the queue state at the cut."""
+    flags = (
+        "seed=5",
+        "trainer.deterministic=true",
+        "model.num_components=3",
+        "trainer.test_after_fit=false",
+        "trainer.limit_val_batches=2",
+        "diagnostics.cosine_every_n_steps=3",
+        f"run.checkpoint_every_n_steps={cut}",
+        *flags,
+    )
+    whole = run_fit(tiny_cfg(*flags, "run.id=whole"))
+    build = fit.build_callbacks
+    monkeypatch.setattr(fit, "build_callbacks", lambda *a: build(*a) + [Preempt(cut)])
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_fit(tiny_cfg(*flags, "run.id=cut"))
+    monkeypatch.setattr(fit, "build_callbacks", build)
+    at_cut = torch.load(
+        Path(whole["run_dir"]).parent / "cut" / "checkpoints" / "last.ckpt", weights_only=False
+    )["topology_state"]
+    resumed = run_fit(tiny_cfg(*flags, "run.id=cut", "resume=true"))
+    assert at_cut["batch_step"] == cut and resumed["metrics"]["step"] == 22
+    expected, got = final_weights(whole["run_dir"]), final_weights(resumed["run_dir"])
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    return at_cut
+
+
+@pytest.mark.parametrize("grad_mode", ["stash", "recompute"])
+def test_resume_mid_epoch_with_gradients_in_flight_is_exact(tiny_cfg, monkeypatch, grad_mode):
+    at_cut = resumed_equals_uninterrupted(
+        tiny_cfg,
+        monkeypatch,
+        "topology.name=delayed",
+        f"topology.grad_mode={grad_mode}",
+        "staleness.schedule=pipeline",
+    )
+    in_flight = at_cut["queue"]
+    assert len(in_flight) == 3  # batch 15's bottom segment, batch 16's two lower ones
+    assert any("grad" in item for item in in_flight)  # a gradient message was in transit
+    assert ("weights" in in_flight[0]) == (grad_mode == "stash")
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("topology.name=delayed", "staleness.schedule=pipeline"),
+        (
+            "topology.name=local",
+            "topology.async_buffer=4",
+            "staleness.schedule=straggler",
+            "staleness.straggler_component=1",
+            "staleness.straggler_factor=3",
+        ),
+    ],
+    ids=["delayed-pipeline", "local-async-straggler"],
+)
+def test_one_backward_per_step_runs_under_plain_ddp(tmp_path, flags):
+    # Plain `ddp` has find_unused_parameters=False: a second backward in a step, or a parameter
+    # without a gradient (a component with nothing due), stops the run with a reducer error.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mach_lightning.fit",
+            *flags,
+            "model.num_components=3",
+            "trainer.strategy=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.max_steps=6",
+            "trainer.max_epochs=1",
+            "trainer.limit_val_batches=1",
+            "trainer.test_after_fit=false",
+            "trainer.progress_bar=false",
+            "diagnostics.cosine_every_n_steps=2",
+            "logger.wandb.enabled=false",
+            f"run.root={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run directory" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("staleness.schedule=pipeline",),
+        (
+            "topology.async_buffer=4",
+            "staleness.schedule=straggler",
+            "staleness.straggler_factor=2.5",
+        ),
+    ],
+    ids=["delayed-inputs", "async-buffer"],
+)
+def test_resume_mid_epoch_with_activations_in_flight_is_exact(tiny_cfg, monkeypatch, flags):
+    at_cut = resumed_equals_uninterrupted(tiny_cfg, monkeypatch, "topology.name=local", *flags)
+    held = len(at_cut["queue"]) + sum(len(b["entries"]) for b in at_cut["buffers"])
+    assert held > 0
