@@ -37,7 +37,7 @@ staleness: {{schedule: {schedule}, k: {k}}}
 logger: {{wandb: {{enabled: true, project: p}}}}
 """
 DEFAULTS = dict(val=(0.5, 0.8, 0.9), sim_rate=0.01, k=1, schedule="pipeline", width=32)
-DEFAULTS.update(loss=1.0, cos=(), finished=True, peak=100.0)
+DEFAULTS.update(loss=1.0, cos=(), finished=True, peak=100.0, components=())
 
 
 def write_run(root: Path, topology: str, seed: int, test_acc, **spec) -> Path:
@@ -56,6 +56,7 @@ def write_run(root: Path, topology: str, seed: int, test_acc, **spec) -> Path:
     if s["finished"]:
         rows.append({"step": 30, "test/acc": test_acc, "test/loss": 0.4})
         result = {"test/acc": test_acc, "mem/peak_mb": s["peak"], "train/loss": s["loss"]}
+        result.update({f"test/acc_c{i}": acc for i, acc in enumerate(s["components"])})
         (run / "result.json").write_text(json.dumps(result))
     with open(run / "metrics.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=sorted({k for r in rows for k in r}), restval="")
@@ -153,6 +154,20 @@ def test_markdown_shows_the_same_numbers(synthetic, tmp_path):
     assert "+0.00 [-4.30, +4.30] |" in md  # k=4: not marked
     assert "30 ± 0 (2/3)" in md
     assert "reaching 99% of the matched sync baseline's final val acc = 89.10%" in md
+
+
+def test_each_components_own_accuracy_is_summarised_over_seeds(tmp_path):
+    root = tmp_path / "runs"
+    for seed, comps in enumerate([(0.97, 0.99), (0.95, 0.98), (0.96, 0.94)]):
+        write_run(root, "sync", seed, 0.99)
+        write_run(root, "mach_seq", seed, 0.98, components=comps)
+    assert main(["sw", "--run-root", str(root), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    # c0: 0.97, 0.95, 0.96 -> 96.00 ± 1.00; c1: 99, 98, 94 -> 97.00 ± 2.65;
+    # the worst component per seed: 0.97, 0.95, 0.94 -> 95.33 ± 1.53
+    assert "| c0 96.00 ± 1.00 · c1 97.00 ± 2.65 (min 95.33 ± 1.53) |" in md
+    sync_line = next(ln for ln in md.splitlines() if ln.startswith("| sync |"))
+    assert "| 99.00 ± 0.00 | — |" in sync_line  # sync has no per-component accuracy
 
 
 def test_problems_are_listed_apart_and_never_averaged(synthetic):

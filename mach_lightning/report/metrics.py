@@ -2,8 +2,9 @@
 
 Per run: final test accuracy (result.json, else the last logged `test/acc`), best and final
 validation accuracy over the logged curve, mean wall-clock and simulated ms per batch step, peak
-memory (`mem/peak_mb`), and the first step (and simulated parallel time, `time/sim_elapsed_s`
-interpolated at that step) where `val/acc` reaches the row's target.
+memory (`mem/peak_mb`), each component's own final test accuracy (`test/acc_c{i}`, for topologies
+whose components work alone, e.g. MACH students), and the first step (and simulated parallel
+time, `time/sim_elapsed_s` interpolated at that step) where `val/acc` reaches the row's target.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from mach_lightning.report.stats import first_reach, mean_of, value_at
 # (key, column title, kind) in table order; kind picks the formatting.
 COLUMNS = [
     ("final_test", "final test acc %", "acc"),
+    ("component_test", "test acc per component % (min)", "components"),
     ("delta_final_test", "Δ final vs sync [95% CI]", "delta"),
     ("best_val", "best val acc %", "acc"),
     ("delta_best_val", "Δ best val vs sync [95% CI]", "delta"),
@@ -47,6 +49,9 @@ def run_values(run: Run, target: float | None) -> dict[str, float | None]:
         "steps_to_target": None,
         "sim_to_target": None,
     }
+    components = component_accuracies(run)
+    out.update({f"component_test_c{i}": acc for i, acc in components.items()})
+    out["component_test"] = min(components.values()) if components else None
     if target is not None:
         steps, accs = run.series(VAL)
         reached = first_reach(steps, accs, target)
@@ -54,6 +59,15 @@ def run_values(run: Run, target: float | None) -> dict[str, float | None]:
         sim_steps, sim = run.series(SIM)
         if reached is not None and sim_steps:
             out["sim_to_target"] = value_at(sim_steps, sim, reached)
+    return out
+
+
+def component_accuracies(run: Run) -> dict[int, float]:
+    """{i: final test/acc_c{i}} for every component the run reports on its own."""
+    out, i = {}, 0
+    while (value := run.last(f"{TEST}_c{i}")) is not None:
+        out[i] = value
+        i += 1
     return out
 
 

@@ -87,7 +87,7 @@ def summarize_row(row: Row, target_acc: float | None, target_frac: float) -> Non
         row.target = target_frac * sum(base_vals) / len(base_vals)
     row.values = {r.seed: run_values(r, row.target) for r in row.runs}
     keys = next(iter(row.values.values())).keys() if row.values else []
-    row.cells = {k: summarize([v[k] for v in row.values.values()]) for k in keys}
+    row.cells = {k: summarize([v.get(k) for v in row.values.values()]) for k in keys}
     row.reached = sum(v["steps_to_target"] is not None for v in row.values.values())
     if row.is_baseline:
         return

@@ -59,8 +59,21 @@ def fmt_reach(s: Summary | None, reached: int, n: int, target: float | None, fmt
     return text + (f" ({reached}/{n})" if reached < n else "")
 
 
+def fmt_components(row: Row) -> str:
+    """'c0 98.51 ± 0.03 · c1 98.47 ± 0.05 (min 98.42)': each component alone, over seeds."""
+    parts, i = [], 0
+    while (summary := row.cells.get(f"component_test_c{i}")) is not None:
+        parts.append(f"c{i} {fmt_acc(summary)}")
+        i += 1
+    if not parts:
+        return DASH
+    return " · ".join(parts) + f" (min {fmt_acc(row.cells.get('component_test'))})"
+
+
 def cell(row: Row, key: str, kind: str) -> str:
     n = len(row.runs)
+    if kind == "components":
+        return fmt_components(row)
     if kind == "delta":
         return "baseline" if row.is_baseline else fmt_delta(row.deltas.get(key), n)
     summary = row.cells.get(key)
