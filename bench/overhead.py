@@ -17,28 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from step_clock import WARMUP, StepClock
 
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
 from mach_lightning.topologies import create_topology
-
-WARMUP = 20
-
-
-class StepClock(Callback):
-    """Wall time from the end of warm-up to the end of training, over every Lightning hook."""
-
-    def __init__(self):
-        self.start, self.end = 0.0, 0.0
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if module.batch_step == WARMUP:
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, module):
-        self.end = time.perf_counter()
 
 
 def make_cfg(args, k: int, run_root: str):

@@ -5,22 +5,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
-from mach_lightning import fit
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
-from mach_lightning.fit import build_trainer, run_fit
+from mach_lightning.fit import build_trainer
 from mach_lightning.synth import GradientSynthesizer
 from mach_lightning.topologies import TOPOLOGIES, create_topology
 from mach_lightning.topologies.dni import DNI
 
 from .conftest import REPO, tiny_overrides
+from .resume_check import resumed_equals_uninterrupted
 
 INPUT_SHAPE, CLASSES, BATCH = (1, 8, 8), 10, 16
 # Small nets: the maths is the same at any size, and the tests stay fast.
@@ -211,54 +209,6 @@ def test_resume_with_targets_in_flight_is_exact(tiny_cfg, monkeypatch):
 
 
 # ----- through `fit` (both families): resume after a preemption, plain DDP -----
-
-
-class Preempt(Callback):
-    """Dies right after the batch at which a periodic checkpoint was saved (a killed job)."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, module, *args):
-        if module.batch_step == self.at_step:
-            raise RuntimeError("preempted")
-
-
-class FinalWeights(Callback):
-    """The weights when training ends (last.ckpt is only refreshed when val/acc improves)."""
-
-    def on_train_end(self, trainer, module):
-        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def resumed_equals_uninterrupted(tiny_cfg, monkeypatch, *flags: str, cut: int = 16) -> dict:
-    """2 digits epochs whole, and cut after `cut` steps then resumed: same final weights."""
-    flags = (
-        "seed=5",
-        "trainer.deterministic=true",
-        "model.num_components=3",
-        "trainer.test_after_fit=false",
-        "trainer.limit_val_batches=2",
-        "diagnostics.cosine_every_n_steps=3",
-        f"run.checkpoint_every_n_steps={cut}",
-        *flags,
-    )
-    build = fit.build_callbacks
-
-    def run(callback: Callback, *extra: str):
-        monkeypatch.setattr(fit, "build_callbacks", lambda *a: build(*a) + [callback])
-        return run_fit(tiny_cfg(*flags, *extra))
-
-    whole, resumed = FinalWeights(), FinalWeights()
-    run_dir = Path(run(whole, "run.id=whole")["run_dir"])
-    with pytest.raises(RuntimeError, match="preempted"):
-        run(Preempt(cut), "run.id=cut")
-    ckpt = run_dir.parent / "cut" / "checkpoints" / "last.ckpt"
-    at_cut = torch.load(ckpt, weights_only=False)["topology_state"]
-    assert run(resumed, "run.id=cut", "resume=true")["metrics"]["step"] == 22
-    assert at_cut["batch_step"] == cut
-    assert [k for k in whole.state if not torch.equal(whole.state[k], resumed.state[k])] == []
-    return at_cut
 
 
 DDP_FLAGS = (

@@ -6,17 +6,13 @@ import copy
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback
-
-from mach_lightning import fit
-from mach_lightning.fit import run_fit
 
 from .conftest import REPO
+from .resume_check import resumed_equals_uninterrupted
 from .test_delayed import (
     INPUT_SHAPE,
     STEPS,
@@ -25,7 +21,6 @@ from .test_delayed import (
     make_cfg,
     train,
 )
-from .test_fit import final_weights
 
 
 def local_gradients(model, weights: dict, inputs: list, y, index: int) -> list[torch.Tensor]:
@@ -136,46 +131,6 @@ def test_mlp_head_and_conv_features_pool_to_a_small_head():
 
 
 # ----- through `fit`: resume after a preemption, and plain DDP -----
-
-
-class Preempt(Callback):
-    """Dies right after the batch at which a periodic checkpoint was saved (a killed job)."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer, module, *args):
-        if module.batch_step == self.at_step:
-            raise RuntimeError("preempted")
-
-
-def resumed_equals_uninterrupted(tiny_cfg, monkeypatch, *flags: str, cut: int = 16) -> dict:
-    """Train 2 digits epochs whole, and cut at `cut` + resumed; the queue state at the cut."""
-    flags = (
-        "seed=5",
-        "trainer.deterministic=true",
-        "model.num_components=3",
-        "trainer.test_after_fit=false",
-        "trainer.limit_val_batches=2",
-        "diagnostics.cosine_every_n_steps=3",
-        f"run.checkpoint_every_n_steps={cut}",
-        *flags,
-    )
-    whole = run_fit(tiny_cfg(*flags, "run.id=whole"))
-    build = fit.build_callbacks
-    monkeypatch.setattr(fit, "build_callbacks", lambda *a: build(*a) + [Preempt(cut)])
-    with pytest.raises(RuntimeError, match="preempted"):
-        run_fit(tiny_cfg(*flags, "run.id=cut"))
-    monkeypatch.setattr(fit, "build_callbacks", build)
-    at_cut = torch.load(
-        Path(whole["run_dir"]).parent / "cut" / "checkpoints" / "last.ckpt", weights_only=False
-    )["topology_state"]
-    resumed = run_fit(tiny_cfg(*flags, "run.id=cut", "resume=true"))
-    assert at_cut["batch_step"] == cut and resumed["metrics"]["step"] == 22
-    expected, got = final_weights(whole["run_dir"]), final_weights(resumed["run_dir"])
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
-    return at_cut
 
 
 @pytest.mark.parametrize("grad_mode", ["stash", "recompute"])

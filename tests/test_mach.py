@@ -17,7 +17,8 @@ from mach_lightning.fit import build_trainer, run_fit
 from mach_lightning.topologies import TOPOLOGIES
 
 from .conftest import tiny_overrides
-from .test_dni import SMALL, resumed_equals_uninterrupted
+from .resume_check import resumed_equals_uninterrupted
+from .test_dni import SMALL
 
 INPUT_SHAPE, CLASSES, BATCH = (1, 8, 8), 10, 16
 
