@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
@@ -23,16 +23,27 @@ warnings.filterwarnings("ignore", message=r".*`srun` command is available on you
 warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated.*")
 
 
-class PeriodicCheckpoint(Callback):
-    """Save last.ckpt every N batch steps, from every rank (a collective save, safe under DDP)."""
+class LastCheckpoint(Checkpoint):
+    """Keep last.ckpt the run's latest state: after every validation, at the end of training and,
+    with every_n_steps > 0, every N batch steps. Saved from every rank (a collective save, safe
+    under DDP). A `Checkpoint` subclass, so Lightning runs it after ModelCheckpoint and the file
+    holds the best-checkpoint tracking of that same moment. (ModelCheckpoint's own save_last only
+    writes when a new best is saved, so its last.ckpt can lag behind the run.)"""
 
-    def __init__(self, path: Path, every_n_steps: int):
+    def __init__(self, path: Path, every_n_steps: int = 0):
         self.path, self.every_n_steps = path, every_n_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         pl_module.count_batch()  # callbacks run before the module's own on_train_batch_end
-        if pl_module.batch_step % self.every_n_steps == 0:
+        if self.every_n_steps > 0 and pl_module.batch_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.path)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.path)
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
@@ -45,14 +56,11 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
             monitor=cfg.run.monitor,
             mode=cfg.run.monitor_mode,
             save_top_k=1,
-            save_last=True,
-            enable_version_counter=False,  # PeriodicCheckpoint also writes last.ckpt: overwrite it
-        )
+            save_last=False,  # LastCheckpoint writes last.ckpt
+            enable_version_counter=False,
+        ),
+        LastCheckpoint(ckpt_dir / "last.ckpt", cfg.run.checkpoint_every_n_steps),
     ]
-    if cfg.run.checkpoint_every_n_steps > 0:
-        callbacks.append(
-            PeriodicCheckpoint(ckpt_dir / "last.ckpt", cfg.run.checkpoint_every_n_steps)
-        )
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     return callbacks

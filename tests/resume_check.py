@@ -24,7 +24,7 @@ class Preempt(Callback):
 
 
 class FinalWeights(Callback):
-    """The weights when training ends (last.ckpt is only refreshed when val/acc improves)."""
+    """The weights when training ends, every parameter and buffer, straight from the module."""
 
     def on_train_end(self, trainer, module):
         self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -48,6 +48,15 @@ def test_run_directory_holds_everything(tiny_cfg):
     assert column(rows, "test_best/acc") == [pytest.approx(saved["test_best/acc"])]
 
 
+def test_last_checkpoint_is_the_end_of_the_run_even_when_it_is_not_the_best(tiny_cfg):
+    # monitor_mode=min on val/acc makes epoch 0 the "best": last.ckpt must still be the end.
+    result = run_fit(tiny_cfg("trainer.max_epochs=3", "run.monitor_mode=min"))
+    ckpt_dir = Path(result["run_dir"]) / "checkpoints"
+    last = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
+    assert [p.name for p in ckpt_dir.glob("best-*.ckpt")] == ["best-epoch000.ckpt"]
+    assert last["topology_state"]["batch_step"] == result["metrics"]["step"] == 33
+
+
 def test_steps_count_batches_not_optimizer_steps(tiny_cfg):
     # 3 components = 3 optimizer steps per batch; logged steps must still count batches.
     result = run_fit(tiny_cfg("model.num_components=3", "trainer.max_epochs=1"))
