@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The MNIST comparison in bench/RESULTS.md: every topology against sync, 3 seeds, 10 epochs, then
+# the report that makes its tables and figures. 30 runs of 3-8 minutes each on 2 CPU cores (about
+# 3 hours in one lane). Finished runs are skipped, so an interrupted script can be re-run.
+#   bash bench/mnist_results.sh [MNIST_DIR] [RUN_ROOT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNIST=${1:-../shared/data/mnist}
+ROOT=${2:-runs/results_issue4}
+COMMON=(data.name=mnist "data.root=$MNIST" trainer.max_epochs=10 logger.wandb.enabled=false
+  trainer.progress_bar=false "run.root=$ROOT")
+
+run() {  # run NAME SEED ARGS...
+  local name=$1 seed=$2
+  shift 2
+  if [ -f "$ROOT/$name/seed$seed/result.json" ]; then return; fi
+  echo "== $name seed $seed"
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m mach_lightning.fit "$@" "${COMMON[@]}" \
+    "seed=$seed" "name=$name" "run.id=seed$seed" >"$ROOT/$name-seed$seed.log" 2>&1
+}
+
+mkdir -p "$ROOT"
+for seed in 0 1 2; do
+  for k in 2 3 4; do
+    run "sync_k$k" "$seed" --config configs/sync.yaml "model.num_components=$k"
+  done
+  run seq_k2 "$seed" --config configs/seq.yaml model.num_components=2
+  run seq_k3 "$seed" --config configs/seq.yaml
+  run delayed_k4 "$seed" --config configs/delayed.yaml
+  run local_k4 "$seed" --config configs/local.yaml
+  run cdni_k4 "$seed" --config configs/cdni.yaml
+  run dni_k4 "$seed" --config configs/dni.yaml
+done
+python -m mach_lightning.report "$ROOT" --out bench/report_mnist
