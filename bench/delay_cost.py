@@ -22,7 +22,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from step_clock import WARMUP, StepClock
+from step_clock import WARMUP, StepClock, timed_run_overrides
 
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
@@ -39,14 +39,7 @@ def make_cfg(args, run_root: str, *overrides: str):
         [
             *data,
             "model.num_components=4",
-            f"trainer.max_steps={args.steps}",
-            "trainer.max_epochs=100",
-            "trainer.limit_val_batches=0",
-            "trainer.test_after_fit=false",
-            "trainer.accelerator=cpu",
-            "trainer.devices=1",
-            "logger.wandb.enabled=false",
-            f"run.root={run_root}",
+            *timed_run_overrides(args.steps, run_root),
             "trainer.progress_bar=false",
             "diagnostics.cosine_every_n_steps=0",
             f"topology.grad_mode={args.mode}",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from step_clock import WARMUP, StepClock
+from step_clock import WARMUP, StepClock, timed_run_overrides
 
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
@@ -33,14 +33,7 @@ def make_cfg(args, k: int, run_root: str):
             f"data.root={args.mnist}",
             "topology.name=sync",
             f"model.num_components={k}",
-            f"trainer.max_steps={args.steps}",
-            "trainer.max_epochs=100",
-            "trainer.limit_val_batches=0",
-            "trainer.test_after_fit=false",
-            "trainer.accelerator=cpu",
-            "trainer.devices=1",
-            "logger.wandb.enabled=false",
-            f"run.root={run_root}",
+            *timed_run_overrides(args.steps, run_root),
             "trainer.progress_bar=true",
         ],
     )

@@ -9,6 +9,20 @@ from lightning.pytorch.callbacks import Callback
 WARMUP = 20  # batch steps left out of every timing (first-call allocations, caches)
 
 
+def timed_run_overrides(steps: int, run_root: str) -> list[str]:
+    """A fit run of exactly `steps` training steps on the CPU: no validation, test or W&B."""
+    return [
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=100",
+        "trainer.limit_val_batches=0",
+        "trainer.test_after_fit=false",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "logger.wandb.enabled=false",
+        f"run.root={run_root}",
+    ]
+
+
 class StepClock(Callback):
     """Wall time from the end of warm-up to the end of training, over every Lightning hook."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,20 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Tests never reach W&B's servers and never prompt for a key.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def fit_cli(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m mach_lightning.fit ARGS` from the repository root, output captured."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"} if env is None else env
+    return subprocess.run(
+        [sys.executable, "-m", "mach_lightning.fit", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        **kwargs,
+    )
 
 
 def tiny_overrides(tmp_path: Path, *extra: str) -> list[str]:

@@ -42,6 +42,16 @@ def make_cfg(*overrides: str):
     return cfg
 
 
+def constant_delay_cfg(grad_mode: str, k: int):
+    """`delayed` with every component k steps late."""
+    return make_cfg(
+        "topology.name=delayed",
+        f"topology.grad_mode={grad_mode}",
+        "staleness.schedule=constant",
+        f"staleness.k={k}",
+    )
+
+
 def make_batches(steps: int = STEPS, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
     return [
@@ -129,12 +139,7 @@ def test_zero_delays_reproduce_sync_weights(grad_mode):
 def test_constant_delay_applies_the_gradient_of_batch_t_minus_k(grad_mode):
     k, batches, recorder = 2, make_batches(), Recorder()
     model, _ = train(
-        make_cfg(
-            "topology.name=delayed",
-            f"topology.grad_mode={grad_mode}",
-            "staleness.schedule=constant",
-            f"staleness.k={k}",
-        ),
+        constant_delay_cfg(grad_mode, k),
         batches,
         recorder,
     )
@@ -277,12 +282,7 @@ def test_inflight_memory_grows_linearly_with_the_delay(grad_mode):
     held = {}
     for k in (1, 2, 4):
         model, _ = train(
-            make_cfg(
-                "topology.name=delayed",
-                f"topology.grad_mode={grad_mode}",
-                "staleness.schedule=constant",
-                f"staleness.k={k}",
-            ),
+            constant_delay_cfg(grad_mode, k),
             make_batches(),
         )
         assert len(model.queue) == k

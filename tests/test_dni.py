@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +13,7 @@ from mach_lightning.synth import GradientSynthesizer
 from mach_lightning.topologies import TOPOLOGIES, create_topology
 from mach_lightning.topologies.dni import DNI
 
-from .conftest import REPO, tiny_overrides
+from .conftest import fit_cli, tiny_overrides
 from .resume_check import resumed_equals_uninterrupted
 
 INPUT_SHAPE, CLASSES, BATCH = (1, 8, 8), 10, 16
@@ -228,12 +224,5 @@ def test_one_backward_per_step_runs_under_plain_ddp(tmp_path, name, delay):
     # Plain `ddp` (find_unused_parameters=False) stops on a parameter without a gradient.
     # dni with delay 0 regresses inside the backward (SyntheticBoundary), cdni with 1 outside it.
     flags = [f"topology.name={name}", f"staleness.k={delay}", *SMALL, *DDP_FLAGS]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mach_lightning.fit", *flags, f"run.root={tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    proc = fit_cli(*flags, f"run.root={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]

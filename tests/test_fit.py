@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 
 from mach_lightning.fit import run_fit
 
-from .conftest import REPO, tiny_overrides
+from .conftest import fit_cli, tiny_overrides
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -111,15 +110,7 @@ def test_resume_from_explicit_checkpoint(tiny_cfg):
 
 
 def _cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mach_lightning.fit", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return fit_cli(*args, env={**os.environ, **(env_extra or {})})
 
 
 def test_cli_bad_key_stops_before_work(tmp_path):
@@ -155,15 +146,7 @@ def test_wandb_goes_offline_without_a_key(tmp_path):
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_SILENT="true")
     overrides = tiny_overrides(tmp_path, "trainer.max_steps=3", "trainer.test_after_fit=false")
     overrides = [o for o in overrides if not o.startswith("logger.wandb.enabled")]
-    proc = subprocess.run(
-        [sys.executable, "-m", "mach_lightning.fit", *overrides],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = fit_cli(*overrides, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     offline_runs = list((tmp_path / "runs").glob("default/*/wandb/offline-run-*"))
     assert offline_runs, "no offline W&B run was written"

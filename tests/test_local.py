@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import REPO
+from .conftest import fit_cli
 from .resume_check import resumed_equals_uninterrupted
 from .test_delayed import (
     INPUT_SHAPE,
@@ -167,30 +164,20 @@ def test_resume_mid_epoch_with_gradients_in_flight_is_exact(tiny_cfg, monkeypatc
 def test_one_backward_per_step_runs_under_plain_ddp(tmp_path, flags):
     # Plain `ddp` has find_unused_parameters=False: a second backward in a step, or a parameter
     # without a gradient (a component with nothing due), stops the run with a reducer error.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mach_lightning.fit",
-            *flags,
-            "model.num_components=3",
-            "trainer.strategy=ddp",
-            "trainer.accelerator=cpu",
-            "trainer.devices=2",
-            "trainer.max_steps=6",
-            "trainer.max_epochs=1",
-            "trainer.limit_val_batches=1",
-            "trainer.test_after_fit=false",
-            "trainer.progress_bar=false",
-            "diagnostics.cosine_every_n_steps=2",
-            "logger.wandb.enabled=false",
-            f"run.root={tmp_path}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    proc = fit_cli(
+        *flags,
+        "model.num_components=3",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=6",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=1",
+        "trainer.test_after_fit=false",
+        "trainer.progress_bar=false",
+        "diagnostics.cosine_every_n_steps=2",
+        "logger.wandb.enabled=false",
+        f"run.root={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run directory" in proc.stdout
