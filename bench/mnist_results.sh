@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The MNIST comparison in bench/RESULTS.md: every topology against sync, 3 seeds, 10 epochs, then
-# the report that makes its tables and figures. 30 runs of 20 s to 2 min each on one CPU core.
+# the report that makes its tables and figures, copied into bench/RESULTS.md. 27 runs of 20 s to
+# 2 min each on one CPU core.
 # Finished runs are skipped, so an interrupted script can be re-run; start it once per free core
 # to run lanes in parallel (a per-run lock keeps lanes apart; the last lane writes the report).
 #   bash bench/mnist_results.sh [MNIST_DIR] [RUN_ROOT]
@@ -50,4 +51,5 @@ if [ "$missing" -gt 0 ]; then
   echo "$missing runs have no result yet (another lane, or failed): the report waits for them"
 else
   python -m mach_lightning.report "$ROOT" --out bench/report_mnist
+  python bench/embed_report.py bench/report_mnist/report.md bench/RESULTS.md
 fi

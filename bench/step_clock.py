@@ -24,7 +24,8 @@ def timed_run_overrides(steps: int, run_root: str) -> list[str]:
 
 
 class StepClock(Callback):
-    """Wall time from the end of warm-up to the end of training, over every Lightning hook."""
+    """Wall time from the end of warm-up to the end of the last training step, over every
+    Lightning hook in between (the checkpoint written when training ends is not a step's cost)."""
 
     def __init__(self):
         self.start, self.end = 0.0, 0.0
@@ -33,5 +34,5 @@ class StepClock(Callback):
         if module.batch_step == WARMUP:
             self.start = time.perf_counter()
 
-    def on_train_end(self, trainer, module):
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self.end = time.perf_counter()
