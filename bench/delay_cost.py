@@ -13,6 +13,7 @@
 
     python bench/delay_cost.py [--steps 200] [--reps 3] [--mode stash|recompute]
                                [--dataset mnist] [--mnist ../shared/data/mnist]
+                               [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from mach_lightning.topologies import create_topology
 
 
 def make_cfg(args, run_root: str, *overrides: str):
-    data = [f"data.name={args.dataset}"]
+    data = [f"data.name={args.dataset}", f"data.batch_size={args.batch_size}"]
     if args.dataset == "mnist":
         data.append(f"data.root={args.mnist}")
     return load_config(
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--mode", default="stash", choices=["stash", "recompute"])
     parser.add_argument("--dataset", default="mnist")
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
         "--mnist", default=str(Path(__file__).resolve().parents[2] / "shared/data/mnist")
     )

@@ -18,12 +18,14 @@ needs to compute that update later. Two ways to hold it (`topology.grad_mode`):
              the gradient message. Cost: one extra forward of the delayed components per step.
 
 Memory is proportional to the delays and nothing else; `held_bytes()` counts it (unique tensor
-storages plus the activations saved by stored graphs, measured when they were built).
+storages plus the activations saved by stored graphs, read off the graphs when asked: hooks on
+saved tensors during every forward would cost more time than the rest of the bookkeeping).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,7 +77,9 @@ class DelayQueue:
         """Bytes of the in-flight state and of what stored graphs saved, each storage once."""
         storages: dict[int, int] = {}
         for item in self.items.values():
-            storages.update(item.get("_saved", {}))
+            out = item.get("_out")
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                storages.update(graph_saved_storages(out))
         return tensor_bytes(list(self.items.values()), storages)
 
 
@@ -117,7 +121,8 @@ class ReplayBuffer:
 
 def cloned_params(module: nn.Module) -> dict[str, torch.Tensor]:
     """Clones of the parameters that a stored graph may save safely across in-place updates."""
-    return {name: p.clone() for name, p in module.named_parameters()}
+    live = {name: owner._parameters[attr] for owner, attr, name in _parameter_slots(module)}
+    return {name: p.clone() for name, p in live.items()}
 
 
 def stashed_params(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,8 +135,38 @@ def stashed_params(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> dict
 
 
 def functional_forward(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor):
-    """module(x) computed with `weights` in place of its parameters (buffers are the module's)."""
-    return torch.func.functional_call(module, weights, (x,))
+    """module(x) computed with `weights` in place of its parameters (buffers are the module's).
+
+    What `torch.func.functional_call` does, for the one case needed here (every parameter given,
+    under its `named_parameters()` name), without its per-call checks: those cost as much as a
+    small component's forward, on every step of every delayed component.
+    """
+    slots = _parameter_slots(module)
+    live = [owner._parameters[attr] for owner, attr, _ in slots]
+    for owner, attr, name in slots:
+        owner._parameters[attr] = weights[name]
+    try:
+        return module(x)
+    finally:
+        for (owner, attr, _), parameter in zip(slots, live):
+            owner._parameters[attr] = parameter
+
+
+_SLOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(owning submodule, attribute, name in named_parameters()) for every parameter slot; tied
+    parameters share a name. Cached: a component's structure does not change while it trains."""
+    if module not in _SLOTS:
+        names = {id(p): n for n, p in module.named_parameters()}
+        _SLOTS[module] = [
+            (owner, attr, names[id(p)])
+            for _, owner in module.named_modules(remove_duplicate=False)
+            for attr, p in owner._parameters.items()
+            if p is not None
+        ]
+    return _SLOTS[module]
 
 
 @contextlib.contextmanager
@@ -146,20 +181,47 @@ def frozen_buffers(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(value)
 
 
-@contextlib.contextmanager
-def record_saved_storages(storages: dict[int, int]) -> Iterator[None]:
-    """Record in `storages` (data pointer -> bytes) what autograd saves for backward in the block.
+def graph_saved_storages(output: torch.Tensor) -> dict[int, int]:
+    """Storages (data pointer -> bytes) that the autograd graph behind `output` saved for backward.
 
-    Parameters (or their clones) and inputs the graph saves are included: the graph holds them.
+    Walks the graph's nodes and reads their `_saved_*` tensors (the inputs, weight clones and
+    activations each op keeps); the leaves' `variable`s are the live parameters, not in flight.
     """
+    storages: dict[int, int] = {}
+    seen, stack = set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for name in _saved_attributes(type(node)):
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # freed by a backward already run: no longer held
+                continue
+            for value in _tensors_in(saved):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return storages
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        yield
+_SAVED_ATTRIBUTES: dict[type, list[str]] = {}
+
+
+def _saved_attributes(node_type: type) -> list[str]:
+    """The `_saved_*` attributes of an autograd node class (dir() is slow; the class says it)."""
+    if node_type not in _SAVED_ATTRIBUTES:
+        _SAVED_ATTRIBUTES[node_type] = [n for n in dir(node_type) if n.startswith("_saved_")]
+    return _SAVED_ATTRIBUTES[node_type]
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
 
 
 def tensor_bytes(obj: Any, seen: dict[int, int] | None = None) -> int:

@@ -190,12 +190,14 @@ class TopologyModule(LightningModule):
 
         Straight to the loggers (rank zero only): values given to `self.log` stay in Lightning's
         results and are re-sent at every later step, repeating rows and costing time per step.
+        Callbacks, `result.json` and the progress bar read the trainer's metric dicts, which are
+        filled directly too: `self.log` costs about 0.25 ms per key on the CPU.
         """
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.batch_step)
-        self.log_dict(metrics, logger=False)  # callback_metrics, for callbacks and tests
+        self.trainer.callback_metrics.update({k: torch.as_tensor(v) for k, v in metrics.items()})
         if "train/loss" in metrics:
-            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False)
+            self.trainer.progress_bar_metrics["loss"] = metrics["train/loss"]
 
     # ----- evaluation -----
     def _make_eval_metrics(self) -> nn.ModuleDict:

@@ -38,7 +38,6 @@ from mach_lightning.engine.delay import (
     cloned_params,
     frozen_buffers,
     functional_forward,
-    record_saved_storages,
     stashed_params,
 )
 from mach_lightning.engine.diagnostics import StaleDiagnosticsMixin
@@ -144,9 +143,7 @@ class Delayed(StaleDiagnosticsMixin, TopologyModule):
             elif self.grad_mode == "stash":
                 weights = [cloned_params(self.components[i]) for i in range(start, end + 1)]
                 item["weights"] = [{n: w.detach() for n, w in ws.items()} for ws in weights]
-                item["_saved"] = {}
-                with record_saved_storages(item["_saved"]):
-                    h = self._run_segment(item, weights)
+                h = self._run_segment(item, weights)
             else:
                 with torch.no_grad():
                     h = self._run_blocks(start, end, h)
