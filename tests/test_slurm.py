@@ -16,9 +16,11 @@ import yaml
 from mach_lightning.launch import profiles, status, submit
 from mach_lightning.launch.sweep import single_job
 from mach_lightning.launch.task import read_events
+from mach_lightning.report.__main__ import main as report_main
 
 from .conftest import REPO
 from .test_launch import SYNC, load_cli, write_sweep
+from .test_report import check_in_chromium
 
 pytestmark = pytest.mark.slurm
 LOCAL_PROFILE = REPO / "slurm" / "local.yaml"
@@ -126,6 +128,14 @@ def test_tiny_sweep_end_to_end_with_baseline_and_idempotent_relaunch(cluster, tm
     assert cli.main(["--status", str(sweep), f"run.root={tmp_path}/runs", *TINY]) == 0
     table = capsys.readouterr().out
     assert table.count("FINISHED") == 3 and "test/acc=" in table, table
+
+    # The comparison report of the sweep, by its name, rendered in a browser.
+    out = tmp_path / "report"
+    assert report_main(["tiny", "--run-root", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert md.count("| sync, optim.lr=") == 3, md  # the baseline and the two grid points
+    assert list(out.glob("*-val-acc-step.png")) and (out / "report.html").is_file()
+    check_in_chromium(out, tmp_path, "report-slurm-sweep-screenshot")
 
 
 def test_two_node_ddp_with_gloo_through_srun(cluster, tmp_path, capsys):
