@@ -428,3 +428,12 @@ def test_end_to_end_real_runs_then_report(tmp_path):
     assert (out / "report.html").is_file()
     check_in_chromium(out, tmp_path, "report-e2e-screenshot")
     print(f"end to end: {len(topologies) * 2} runs and the report in {time.time() - started:.0f} s")
+
+
+def test_run_directories_are_shown_relative_to_the_working_directory(tmp_path, monkeypatch):
+    from mach_lightning.report.load import shown
+
+    (tmp_path / "here" / "runs" / "a").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    assert shown(tmp_path / "here" / "runs" / "a") == "runs/a"
+    assert shown(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")

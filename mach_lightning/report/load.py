@@ -116,12 +116,20 @@ def read_metrics_csv(path: Path) -> list[dict[str, float]]:
     return out
 
 
+def shown(run_dir: Path) -> str:
+    """The run directory as reports show it: relative to the working directory when inside it."""
+    try:
+        return str(Path(run_dir).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(run_dir)
+
+
 def load_run_dir(run_dir: Path, launch_state=None) -> Run:
     """Read one run directory; `launch_state(run_dir) -> (state, detail)` for unfinished runs."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():  # submitted by the launcher, not started yet
         state, detail = (launch_state or _unfinished)(run_dir)
-        return Run(source=str(run_dir), config={}, state=state, detail=detail)
+        return Run(source=shown(run_dir), config={}, state=state, detail=detail)
     config = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
     result_path = run_dir / "result.json"
     result, state, detail = None, FINISHED, ""
@@ -131,7 +139,7 @@ def load_run_dir(run_dir: Path, launch_state=None) -> Run:
         state, detail = (launch_state or _unfinished)(run_dir)
     files = [p for p in (run_dir / "metrics.csv", run_dir / "config.yaml") if p.is_file()]
     return Run(
-        source=str(run_dir),
+        source=shown(run_dir),
         config=config,
         history=read_metrics_csv(run_dir / "metrics.csv"),
         result=result,
