@@ -197,7 +197,7 @@ class Delayed(StaleDiagnosticsMixin, TopologyModule):
         for i, component in enumerate(self.components):
             if i not in applied:  # nothing due (warm-up, random delays): zero, but DDP sees it
                 terms.extend(0.0 * p.sum() for p in component.parameters())
-        return torch.stack(terms).sum(), applied
+        return (terms[0] if len(terms) == 1 else torch.stack(terms).sum()), applied
 
     def _send_gradients_down(self, due) -> None:
         """The gradient at each segment's input is the message its predecessor will apply."""
