@@ -31,13 +31,13 @@ def nested(report: Path, target: Path) -> str:
 
 def embed(report: Path, target: Path) -> None:
     begin = f"<!-- report: {report.parent.name} -->"
-    lines = target.read_text()
-    if begin not in lines or END not in lines.split(begin, 1)[1]:
+    text = target.read_text()
+    if begin not in text or END not in text.split(begin, 1)[1]:
         sys.exit(
             f"error: {target} has no block to fill: add a line `{begin}` and, below it, a line "
             f"`{END}` where the report's tables should go."
         )
-    head, rest = lines.split(begin, 1)
+    head, rest = text.split(begin, 1)
     tail = rest.split(END, 1)[1]
     target.write_text(f"{head}{begin}\n{nested(report, target)}\n{END}{tail}")
 

@@ -119,10 +119,14 @@ class ReplayBuffer:
 # ----- weights: live, cloned (stash at forward time), stashed (rebuilt after a resume) -----
 
 
+def live_params(module: nn.Module) -> dict[str, nn.Parameter]:
+    """`dict(module.named_parameters())`, from the cached slots (no module walk per step)."""
+    return {name: owner._parameters[attr] for owner, attr, name in _parameter_slots(module)}
+
+
 def cloned_params(module: nn.Module) -> dict[str, torch.Tensor]:
     """Clones of the parameters that a stored graph may save safely across in-place updates."""
-    live = {name: owner._parameters[attr] for owner, attr, name in _parameter_slots(module)}
-    return {name: p.clone() for name, p in live.items()}
+    return {name: p.clone() for name, p in live_params(module).items()}
 
 
 def stashed_params(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,22 +135,24 @@ def stashed_params(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> dict
     `w + (p - p.detach())` equals w exactly and has d/dp = identity: the gradient at the stashed
     weights, accumulated into p.grad (and seen by DDP's hooks on p).
     """
-    return {name: snapshot[name] + (p - p.detach()) for name, p in module.named_parameters()}
+    return {name: snapshot[name] + (p - p.detach()) for name, p in live_params(module).items()}
 
 
-def functional_forward(module: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor):
-    """module(x) computed with `weights` in place of its parameters (buffers are the module's).
+def functional_forward(module: nn.Module, weights: dict[str, torch.Tensor], *inputs):
+    """module(*inputs) computed with `weights` in place of its parameters (buffers are the
+    module's). `weights` must name every parameter as `named_parameters()` does (extra keys are
+    ignored).
 
-    What `torch.func.functional_call` does, for the one case needed here (every parameter given,
-    under its `named_parameters()` name), without its per-call checks: those cost as much as a
-    small component's forward, on every step of every delayed component.
+    What `torch.func.functional_call` does, for the one case needed here, without its per-call
+    checks: those cost as much as a small component's forward, on every step of every component
+    whose update is late.
     """
     slots = _parameter_slots(module)
     live = [owner._parameters[attr] for owner, attr, _ in slots]
     for owner, attr, name in slots:
         owner._parameters[attr] = weights[name]
     try:
-        return module(x)
+        return module(*inputs)
     finally:
         for (owner, attr, _), parameter in zip(slots, live):
             owner._parameters[attr] = parameter

@@ -31,7 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mach_lightning.config import resolve_student_modes
-from mach_lightning.engine.delay import DelayQueue, frozen_buffers, stashed_params
+from mach_lightning.engine.delay import (
+    DelayQueue,
+    frozen_buffers,
+    functional_forward,
+    stashed_params,
+)
 from mach_lightning.engine.diagnostics import StaleDiagnosticsMixin
 from mach_lightning.engine.simtime import SimLayout
 from mach_lightning.engine.staleness import create_schedule
@@ -78,7 +83,7 @@ class MachTopology(StaleDiagnosticsMixin, TopologyModule):
         component = self.components[i]
         if weights is None:
             return component(x, neighbour, use_student)
-        return torch.func.functional_call(component, weights[0], (x, neighbour, use_student))
+        return functional_forward(component, weights[0], x, neighbour, use_student)
 
     def classify(self, i: int, embedding: torch.Tensor) -> torch.Tensor:
         return self.components[i].classify(embedding)

@@ -18,6 +18,7 @@ from torch import nn
 
 from mach_lightning.components import Component
 from mach_lightning.config import ConfigError
+from mach_lightning.engine.delay import functional_forward
 from mach_lightning.mach import EmbeddingOf, build_mach_component, embed_through, final_linear
 from mach_lightning.nets import build_backbone
 from mach_lightning.topologies import register_topology
@@ -73,8 +74,8 @@ class MachSingle(MachTopology):
                 x = component(x)
             return embed_through(upstream[-1].block, x)
         for component, w in zip(upstream[:-1], weights):
-            x = torch.func.functional_call(component, w, (x,))
-        return torch.func.functional_call(EmbeddingOf(upstream[-1].block), weights[-1], (x,))
+            x = functional_forward(component, w, x)
+        return functional_forward(EmbeddingOf(upstream[-1].block), weights[-1], x)
 
     def classify(self, i: int, embedding: torch.Tensor) -> torch.Tensor:
         if i == UPSTREAM:
