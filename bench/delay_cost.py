@@ -53,8 +53,7 @@ def train(cfg, datamodule):
     """Train cfg for trainer.max_steps; the model and the per-step seconds after warm-up."""
     model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
     trainer = build_trainer(cfg, Path(cfg.run.root) / "bench")
-    clock = StepClock()
-    trainer.callbacks.append(clock)
+    clock = StepClock(model)
     trainer.fit(model, datamodule=datamodule)
     return model, (clock.end - clock.start) / (cfg.trainer.max_steps - WARMUP)
 

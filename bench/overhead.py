@@ -2,15 +2,20 @@
 
 All train the same MLP (same init, same optimizer) on the same in-memory MNIST batches, which
 each loop takes from the datamodule's loader as it goes (indexing the tensors in memory, as a
-hand-written loop would), for the same number of steps. Repetitions are interleaved (plain, bare,
-fit, plain, ...) because this machine is noisy, and the median per-step time of each is compared.
+hand-written loop would), for the same number of steps. This machine is noisy, so every
+repetition runs all variants back to back (order reversed every other repetition), ratios are
+taken within a repetition, and the median over repetitions is printed.
 Target: fit / plain <= 1.10.
 
-The middle column, `bare`, is the floor any Lightning manual-optimization loop pays: a minimal
-LightningModule doing exactly the plain loop's work through a bare Trainer (no logger, checkpoint
-or progress bar). fit / bare is what mach_lightning itself adds on top of Lightning.
+  plain  the hand-written loop: forward, loss, backward, one step per optimizer
+  bare   the same work as a minimal LightningModule, written the way Lightning documents manual
+         optimization (manual_backward, LightningOptimizer.step), through a bare Trainer with no
+         logger, checkpoint or progress bar: what any Lightning manual-optimization loop pays
+  fit    `fit` with the sync topology: loggers, checkpoints, progress bar, train metrics, and the
+         lean backward/step path (mach_lightning/engine/lean_steps.py)
+  full   `fit` with trainer.lean_steps=false: Lightning's full backward/step path
 
-    python bench/overhead.py [--steps 300] [--reps 3] [--components 1 2 4] [--batch-size 128]
+    python bench/overhead.py [--steps 500] [--reps 7] [--components 1 2 4] [--batch-size 128]
                              [--mnist DIR]
 """
 
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from omegaconf import OmegaConf
 from step_clock import WARMUP, StepClock, timed_run_overrides
 
 from mach_lightning.config import load_config
@@ -51,8 +57,7 @@ def make_cfg(args, k: int, run_root: str):
 def time_fit(cfg, datamodule) -> float:
     model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
     trainer = build_trainer(cfg, Path(cfg.run.root) / "bench")
-    clock = StepClock()
-    trainer.callbacks.append(clock)
+    clock = StepClock(model)
     trainer.fit(model, datamodule=datamodule)
     return (clock.end - clock.start) / (cfg.trainer.max_steps - WARMUP)
 
@@ -143,10 +148,44 @@ class BatchStream:
                 yield batch
 
 
+VARIANTS = ("plain", "bare", "fit", "full")
+
+
+def time_variant(name: str, cfg, datamodule) -> float:
+    if name == "plain":
+        return time_plain(cfg, datamodule)
+    if name == "bare":
+        return time_bare(cfg, datamodule)
+    lean = OmegaConf.merge(cfg, {"trainer": {"lean_steps": name == "fit"}})
+    return time_fit(lean, datamodule)
+
+
+def measure(args, k: int, run_root: str) -> dict[str, list[float]]:
+    """Per-step seconds of every variant, `reps` times. Each repetition runs all variants back to
+    back, in an order reversed every other time, so load drifts hit them alike and ratios are
+    taken within a repetition."""
+    cfg = make_cfg(args, k, run_root)
+    datamodule = create_datamodule(cfg.data, cfg.seed)
+    datamodule.setup("fit")
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    warmup = OmegaConf.merge(cfg, {"trainer": {"max_steps": WARMUP + 100}})
+    for name in VARIANTS:  # untimed: the first runs in a process pay one-off costs
+        time_variant(name, warmup, datamodule)
+    for rep in range(args.reps):
+        for name in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
+            times[name].append(time_variant(name, cfg, datamodule))
+    return times
+
+
+def ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    """The ratio within each repetition, sorted."""
+    return sorted(a / b for a, b in zip(times[num], times[den]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--components", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(
@@ -154,22 +193,22 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_root:
-        rows = []
-        for k in args.components:
-            cfg = make_cfg(args, k, run_root)
-            datamodule = create_datamodule(cfg.data, cfg.seed)
-            datamodule.setup("fit")
-            plain, bare, fit = [], [], []
-            for _ in range(args.reps):  # interleaved, so drifts in machine load hit all three
-                plain.append(time_plain(cfg, datamodule))
-                bare.append(time_bare(cfg, datamodule))
-                fit.append(time_fit(cfg, datamodule))
-            rows.append((k, *(1000 * statistics.median(t) for t in (plain, bare, fit))))
-    print(f"\nMLP, MNIST batch {args.batch_size}, median of {args.reps} interleaved repetitions")
-    header = ("K", "plain ms/step", "bare ms/step", "fit ms/step", "fit/plain", "fit/bare")
-    print("{:>3} {:>14} {:>13} {:>12} {:>10} {:>9}".format(*header))
-    for k, p, b, f in rows:
-        print(f"{k:>3} {p:>14.3f} {b:>13.3f} {f:>12.3f} {f / p:>10.3f} {f / b:>9.3f}")
+        results = {k: measure(args, k, run_root) for k in args.components}
+    print(f"\nMLP, MNIST batch {args.batch_size}, {args.reps} interleaved repetitions")
+    print("ms/step: medians; ratios: median (and range) of the ratios within each repetition")
+    header = ("K", "plain", "bare", "fit", "full", "fit/plain", "range", "fit/bare", "full/plain")
+    print("{:>3} {:>7} {:>7} {:>7} {:>7} {:>10} {:>13} {:>9} {:>11}".format(*header))
+    for k, times in results.items():
+        ms = [1000 * statistics.median(times[name]) for name in VARIANTS]
+        fit_plain = ratios(times, "fit", "plain")
+        fit_bare = statistics.median(ratios(times, "fit", "bare"))
+        full_plain = statistics.median(ratios(times, "full", "plain"))
+        spread = f"{fit_plain[0]:.3f}-{fit_plain[-1]:.3f}"
+        print(
+            f"{k:>3} {ms[0]:>7.3f} {ms[1]:>7.3f} {ms[2]:>7.3f} {ms[3]:>7.3f}"
+            f" {statistics.median(fit_plain):>10.3f} {spread:>13} {fit_bare:>9.3f}"
+            f" {full_plain:>11.3f}"
+        )
     print("target: fit/plain <= 1.10")
 
 

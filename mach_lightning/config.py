@@ -134,6 +134,7 @@ class TrainerConfig:
     check_val_every_n_epoch: int = 1
     log_every_n_steps: int = 20  # batch steps between logged training metrics
     progress_bar: bool = True
+    lean_steps: bool = True  # direct backward/steps when Lightning's would only pass through
     test_after_fit: bool = True  # evaluate on the test split when training ends
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -33,17 +34,42 @@ class LastCheckpoint(Checkpoint):
     def __init__(self, path: Path, every_n_steps: int = 0):
         self.path, self.every_n_steps = path, every_n_steps
 
+    def save_last(self, trainer) -> None:
+        trainer.save_checkpoint(self.path)
+        if trainer.is_global_zero:  # metrics.csv holds every row up to the checkpoint's step
+            for logger in trainer.loggers:
+                logger.save()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         pl_module.count_batch()  # callbacks run before the module's own on_train_batch_end
         if self.every_n_steps > 0 and pl_module.batch_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.path)
+            self.save_last(trainer)
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)
+            self.save_last(trainer)
 
     def on_train_end(self, trainer, pl_module):
-        trainer.save_checkpoint(self.path)
+        self.save_last(trainer)
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar, redrawn by the clock: at most every `interval_s` seconds during
+    training (and at each epoch's last batch) instead of every N batches. Lightning's bar redraws
+    twice per update, which at hundreds of small batches a second is a visible share of a step
+    and more updates than anyone can read."""
+
+    def __init__(self, interval_s: float = 0.25):
+        super().__init__(refresh_rate=10)  # validation and test bars: every 10 batches
+        self.interval_s, self._next_redraw = interval_s, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar, now = self.train_progress_bar, time.monotonic()
+        if bar is None or (now < self._next_redraw and batch_idx + 1 != bar.total):
+            return
+        self._next_redraw = now + self.interval_s
+        bar.n = batch_idx + 1
+        bar.set_postfix(self.get_metrics(trainer, pl_module))  # one redraw, with the new count
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
@@ -62,7 +88,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Callback]:
         LastCheckpoint(ckpt_dir / "last.ckpt", cfg.run.checkpoint_every_n_steps),
     ]
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(ProgressBar())
     return callbacks
 
 

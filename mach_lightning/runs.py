@@ -14,12 +14,15 @@ import csv
 import json
 import os
 import socket
+import sys
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from mach_lightning.config import ConfigError
@@ -93,11 +96,28 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class RunCSVLogger(CSVLogger):
-    """CSV logger writing <run_dir>/metrics.csv directly, appending across resumes."""
+    """CSV logger writing <run_dir>/metrics.csv directly, appending across resumes.
 
-    def __init__(self, run_dir: Path):
-        # Flush at every log call: the topology logs every N steps, and a crash keeps its rows.
-        super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
+    Rows reach the file at the first log call, then at most every `flush_every_s` seconds (a
+    rewrite of the file costs ~0.3 ms, a visible share of small steps if done at every log
+    call), whenever last.ckpt is saved (fit.LastCheckpoint calls `save`) and when the run ends or
+    fails (Lightning finalizes its loggers). A resume truncates the file to the checkpoint's step,
+    so even a hard kill loses no row that the resumed run keeps.
+    """
+
+    def __init__(self, run_dir: Path, flush_every_s: float = 2.0):
+        super().__init__(
+            save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=sys.maxsize
+        )
+        self.flush_every_s, self._next_flush = flush_every_s, 0.0
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, step)
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._next_flush = now + self.flush_every_s
+            self.save()
 
     @property
     def experiment(self) -> ExperimentWriter:

@@ -105,6 +105,15 @@ def test_dataloaders_serve_every_example_once_in_batches():
     assert [len(y) for _, y in datamodule.val_dataloader()] == [144]
 
 
+def test_batches_already_on_the_device_pass_as_they_are():
+    datamodule = set_up("digits", batch_size=100, eval_batch_size=1000)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert datamodule.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch
+    moved = datamodule.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [t.device.type for t in moved] == ["meta", "meta"]
+    assert [t.shape for t in moved] == [t.shape for t in batch]
+
+
 # --- MNIST and Fashion-MNIST from real files -------------------------------------------------
 
 

@@ -238,6 +238,11 @@ def test_sim_time_model_chain_versus_parallel():
     for _ in range(3):
         clock.tick(SimLayout(parallel=True))
     assert clock.metrics() == {"time/sim_step_ms": 16.0, "time/sim_elapsed_s": 0.048}
+    clock.tick(SimLayout(parallel=False))  # a step's time is cached, but per layout...
+    assert clock.metrics()["time/sim_step_ms"] == pytest.approx(32.0)
+    clock.fwd_ms, clock.bwd_ms = [0.5, 1.0, 1.5], [1.0, 2.0, 3.0]  # ...and per measurement
+    clock.tick(SimLayout(parallel=False))
+    assert clock.metrics()["time/sim_step_ms"] == pytest.approx(12.0 + 8.0)
 
 
 def test_sim_time_measurement_leaves_no_trace():

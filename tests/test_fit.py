@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mach_lightning.fit import run_fit
+from mach_lightning.data import create_datamodule
+from mach_lightning.fit import ProgressBar, build_trainer, run_fit
+from mach_lightning.runs import RunCSVLogger
+from mach_lightning.topologies import create_topology
+from mach_lightning.topologies.meter import TrainMeter
 
 from .conftest import fit_cli, tiny_overrides
 
@@ -151,3 +155,52 @@ def test_wandb_goes_offline_without_a_key(tmp_path):
     offline_runs = list((tmp_path / "runs").glob("default/*/wandb/offline-run-*"))
     assert offline_runs, "no offline W&B run was written"
     assert list(offline_runs[0].glob("*.wandb"))  # the run's data, ready for `wandb sync`
+
+
+def test_train_meter_sums_in_batches_and_holds_a_bounded_window():
+    torch.manual_seed(0)
+    meter = TrainMeter(flush_every=3)
+    losses, logits, labels = torch.rand(10), torch.randn(10, 16, 5), torch.randint(0, 5, (10, 16))
+    for i in range(10):
+        meter.update(losses[i], logits[i], labels[i], secs=0.002)
+        assert len(meter._logits) < 3  # reduced every 3 steps: memory never grows with the window
+    summary = meter.summary()
+    assert summary["train/loss"] == pytest.approx(float(losses.mean()), rel=1e-6)
+    expected_acc = float((logits.argmax(-1) == labels).float().mean())
+    assert summary["train/acc"] == pytest.approx(expected_acc)
+    assert summary["time/step_ms"] == pytest.approx(2.0)
+    assert summary["time/samples_per_s"] == pytest.approx(160 / 0.02)
+
+
+def test_csv_rows_reach_the_file_first_then_by_the_clock_and_on_save(tmp_path):
+    logger = RunCSVLogger(tmp_path, flush_every_s=3600)
+    logger.log_metrics({"train/loss": 1.0}, step=1)
+    assert column(read_metrics(tmp_path), "train/loss") == [1.0]  # the first row at once
+    logger.log_metrics({"train/loss": 0.5}, step=2)
+    assert column(read_metrics(tmp_path), "train/loss") == [1.0]  # within the hour: buffered
+    logger.save()  # what last.ckpt saves and the end of a run (or a crash) call
+    assert column(read_metrics(tmp_path), "train/loss") == [1.0, 0.5]
+
+
+class CountingBar(ProgressBar):
+    def __init__(self, interval_s: float):
+        super().__init__(interval_s)
+        self.redraws = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        before = self.train_progress_bar.n
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.train_progress_bar.n != before:
+            self.redraws.append(self.train_progress_bar.n)
+
+
+def test_progress_bar_redraws_by_the_clock_and_always_at_the_epoch_end(tiny_cfg):
+    cfg = tiny_cfg("trainer.progress_bar=true")
+    datamodule = create_datamodule(cfg.data, cfg.seed)
+    model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
+    trainer = build_trainer(cfg, Path(cfg.run.root) / "bar")
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ProgressBar)]
+    bar = CountingBar(interval_s=3600)
+    trainer.callbacks.append(bar)
+    trainer.fit(model, datamodule=datamodule)
+    assert bar.redraws == [1, 11, 11]  # the very first batch, then each epoch's last (of 11)

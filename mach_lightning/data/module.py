@@ -102,6 +102,13 @@ class InMemoryDataModule(L.LightningDataModule):
             epoch_source=self._trainer_epoch,
         )
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """Batches already on the device (the CPU case) pass as they are, skipping Lightning's
+        generic walk over the collection, a few percent of a small model's step."""
+        if all(t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def val_dataloader(self) -> TensorBatchLoader:
         return TensorBatchLoader(*self._split("val"), self.data_cfg.eval_batch_size)
 

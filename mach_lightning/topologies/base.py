@@ -2,7 +2,8 @@
 
 A topology subclasses `TopologyModule` and writes `training_step` with manual optimization; this
 base class does the bookkeeping around it (batch-step counter, timing, metric logging, schedulers,
-checkpointed topology state) so the topology file shows its mechanism and nothing else.
+checkpointed topology state, the lean backward/step path) so the topology file shows its
+mechanism and nothing else.
 
 Metric names (the documented scheme, also in the README):
   train/loss, train/acc            mean over the last `trainer.log_every_n_steps` batch steps
@@ -16,56 +17,52 @@ Every metric is logged against `step`, the topology's own batch-step counter (Li
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mach_lightning.components import Component, build_optimizer, build_scheduler
+from mach_lightning.engine.lean_steps import DirectStep, lean_step_blockers
 from mach_lightning.engine.simtime import SimClock, SimLayout, slowdowns_from_config
 from mach_lightning.nets import build_backbone
+from mach_lightning.topologies.meter import TrainMeter
 
 MAIN_HEAD = "main"
-
-
-class TrainMeter:
-    """Accumulates training loss, accuracy and step time between log points, without host syncs."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.loss_sum, self.correct, self.seen, self.steps, self.seconds = 0.0, 0, 0, 0, 0.0
-
-    def update(self, loss: torch.Tensor, logits: torch.Tensor | None, y: torch.Tensor, secs: float):
-        self.loss_sum = self.loss_sum + loss.detach()
-        if logits is not None:
-            self.correct = self.correct + (logits.detach().argmax(-1) == y).sum()
-        self.seen += y.shape[0]
-        self.steps += 1
-        self.seconds += secs
-
-    def summary(self) -> dict[str, float]:
-        out = {
-            "train/loss": float(self.loss_sum) / self.steps,
-            "time/step_ms": 1000.0 * self.seconds / self.steps,
-            "time/samples_per_s": self.seen / max(self.seconds, 1e-9),
-        }
-        if not isinstance(self.correct, int):
-            out["train/acc"] = float(self.correct) / self.seen
-        return out
 
 
 class TopologyModule(LightningModule):
     """Base for every topology: K components from the configured backbone, one optimizer each."""
 
     name: ClassVar[str] = ""
+    # Lightning sets `_current_fx_name` around every hook it calls (some 30 times a batch), and
+    # nn.Module.__setattr__ checks each value against Parameter, Module and Tensor first; these
+    # attributes only ever hold plain values, so they skip the checks.
+    _PLAIN_ATTRIBUTES: ClassVar[frozenset] = frozenset(
+        {"_current_fx_name", "batch_step", "_step_started", "_batch_counted"}
+    )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in TopologyModule._PLAIN_ATTRIBUTES:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        # Lightning reads training_step's signature before every batch (does it take batch_idx?);
+        # a precomputed __signature__ answers inspect in a third of the time.
+        step = cls.__dict__.get("training_step")
+        if step is not None and "__signature__" not in vars(step):
+            step.__signature__ = inspect.signature(step)
 
     def __init__(self, cfg: DictConfig | dict, input_shape: tuple, num_classes: int):
         super().__init__()
@@ -91,6 +88,8 @@ class TopologyModule(LightningModule):
         self._max_steps = int(cfg.trainer.max_steps)
         self.test_label = "test"  # fit sets "test_best" while testing the best checkpoint
         self._batch_counted = True  # False between a batch's start and its count_batch()
+        self._train_optimizers: list | None = None  # set while fitting: see on_train_start
+        self.lean_steps = False  # True while fitting on the lean path (engine/lean_steps.py)
 
     # ----- structure: subclasses override these to add heads, synthesizers, students -----
     def build_components(self) -> nn.ModuleList:
@@ -146,8 +145,34 @@ class TopologyModule(LightningModule):
 
     def component_optimizers(self) -> list:
         """The optimizers as a list, also when there is one (Lightning unwraps a single one)."""
+        if self._train_optimizers is not None:
+            return self._train_optimizers
+        return self._lightning_optimizers()
+
+    def _lightning_optimizers(self) -> list:
         optimizers = self.optimizers()
         return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
+
+    def on_train_start(self) -> None:
+        """Choose the backward/step path once per fit (engine/lean_steps.py says why)."""
+        optimizers = self._lightning_optimizers()
+        wanted = bool(self.cfg.trainer.get("lean_steps", True))
+        blockers = lean_step_blockers(self.trainer, self, optimizers) if wanted else []
+        if blockers:
+            rank_zero_info(
+                "lean_steps: Lightning's full backward/step path, since " + "; ".join(blockers)
+            )
+        self.lean_steps = wanted and not blockers
+        self._train_optimizers = [DirectStep(o) for o in optimizers] if self.lean_steps else None
+
+    def on_train_end(self) -> None:
+        self._train_optimizers, self.lean_steps = None, False
+
+    def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        if self.lean_steps:
+            loss.backward(*args, **kwargs)  # what Lightning's full path runs, minus pass-throughs
+        else:
+            super().manual_backward(loss, *args, **kwargs)
 
     def on_train_epoch_end(self) -> None:
         schedulers = self.lr_schedulers()
