@@ -65,7 +65,7 @@ class ProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         bar, now = self.train_progress_bar, time.monotonic()
-        if bar is None or (now < self._next_redraw and batch_idx + 1 != bar.total):
+        if now < self._next_redraw and batch_idx + 1 != bar.total:
             return
         self._next_redraw = now + self.interval_s
         bar.n = batch_idx + 1

@@ -12,6 +12,8 @@ val/acc the teacher as trained.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -75,7 +77,13 @@ class MachSingle(MachTopology):
             return embed_through(upstream[-1].block, x)
         for component, w in zip(upstream[:-1], weights):
             x = functional_forward(component, w, x)
-        return functional_forward(EmbeddingOf(upstream[-1].block), weights[-1], x)
+        return functional_forward(self._upstream_embedding, weights[-1], x)
+
+    @functools.cached_property
+    def _upstream_embedding(self) -> EmbeddingOf:
+        # One wrapper for the fit, so functional_forward's cached parameter slots serve every
+        # step. A cached_property sits in __dict__, not _modules: no second copy in state_dict.
+        return EmbeddingOf(self.components[-1].block)
 
     def classify(self, i: int, embedding: torch.Tensor) -> torch.Tensor:
         if i == UPSTREAM:
