@@ -1,4 +1,4 @@
-"""Structured configuration: the schema (dataclasses), loading and validation.
+"""Structured configuration: loading and validation (the schema is in config_schema.py).
 
 A run's config is built in layers, each later one winning:
   schema defaults -> configs/default.yaml -> the experiment file (--config) -> key=value overrides.
@@ -10,182 +10,43 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Re-exported: callers import the schema, the error and every check from mach_lightning.config.
+from mach_lightning.config_checks import (  # noqa: F401
+    STUDENT_MODES,
+    ConfigError,
+    resolve_student_modes,
+    validate_staleness,
+    validate_synth_and_mach,
+)
+from mach_lightning.config_schema import (  # noqa: F401
+    Config,
+    DataConfig,
+    DiagnosticsConfig,
+    LoggerConfig,
+    MachConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    SimTimeConfig,
+    StalenessConfig,
+    SynthConfig,
+    TopologyConfig,
+    TrainerConfig,
+    WandbConfig,
+)
+from mach_lightning.resources import CONFIGS, data_dir, packaged
+from mach_lightning.yamlfile import load_yaml, nearest_file
+
+# The experiment files shipped in the package (a checkout's package folder links to configs/).
+CONFIG_DIR = data_dir(CONFIGS).resolve()
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-
-
-@dataclass
-class ModelConfig:
-    backbone: str = "mlp"  # mlp | cnn | resnet
-    num_components: int = 1  # K: the backbone is split into K components
-    width: int = 512  # MLP hidden width
-    depth: int = 2  # MLP hidden layers before the embedding layer
-    embedding_dim: int = 128  # width of the last hidden layer (the embedding)
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # CNN/ResNet stage widths
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adam"  # adam | adamw | sgd
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "none"  # none | cosine | step
-    step_size: int = 10  # epochs between decays for scheduler=step
-    gamma: float = 0.1  # decay factor for scheduler=step
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"  # digits | mnist | fashion_mnist | cifar10
-    root: str = "data"  # folder holding the dataset files
-    batch_size: int = 128
-    eval_batch_size: int = 1024
-    val_fraction: float = 0.1  # share of the training set held out for validation
-    normalize: bool = True  # standardise with the training set's mean and std
-    download: bool = True  # download missing files when a network is reachable
-    verify: bool = True  # check file checksums before use
-
-
-@dataclass
-class TopologyConfig:
-    name: str = "sync"  # a registered topology: see `python -m mach_lightning.fit --list`
-    # --- stale-gradient topologies (delayed, local); other topologies ignore these ---
-    grad_mode: str = "stash"  # delayed: stash (forward-time weights) | recompute (current ones)
-    dcasgd_lambda: float = 0.0  # delayed: DC-ASGD delay compensation strength; 0 = plain optimizer
-    dcasgd_lr_scaling: bool = False  # delayed: divide the lr by the applied staleness (SA-ASGD)
-    aux_head: str = "linear"  # local: auxiliary classifier per component: linear | mlp
-    aux_hidden: int = 256  # local: hidden width of aux_head=mlp
-    async_buffer: int = 0  # local: replay buffer of M stale activations per component (0: off)
-
-
-@dataclass
-class StalenessConfig:
-    schedule: str = "pipeline"  # constant | pipeline | list | uniform | geometric | straggler
-    k: int = 1  # constant: every component's delay in batch steps
-    delays: list[int] = field(default_factory=list)  # list: one delay per component
-    cap: int = 4  # uniform/geometric: largest delay drawn (bounds the in-flight memory)
-    p: float = 0.5  # geometric: P(delay = d) is p * (1 - p)^d, clipped at cap
-    seed: int | None = None  # seed of the random schedules; null: the run's seed
-    straggler_component: int = 0  # straggler: index of the slowed component
-    straggler_factor: float = 2.0  # straggler: how many times slower that component is
-
-
-@dataclass
-class DiagnosticsConfig:
-    cosine_every_n_steps: int = 100  # cosine of applied vs true sync gradient each N steps; 0 off
-
-
-@dataclass
-class SimTimeConfig:
-    enabled: bool = True  # log time/sim_step_ms and time/sim_elapsed_s (one component per device)
-    measure_reps: int = 5  # timed forward/backward repetitions per component on the first batch
-    link_latency_us: float = 10.0  # latency of one message between devices, microseconds
-    link_bandwidth_gbs: float = 16.0  # link bandwidth between devices, GB/s
-
-
-@dataclass
-class SynthConfig:
-    """Gradient synthesizers of dni/cdni (mach_lightning/synth.py)."""
-
-    hidden: int = 1024  # hidden width of each synthesizer (MLP units or conv channels)
-    layers: int = 1  # hidden layers of each synthesizer; 0: a linear map
-    optimizer: str = "adam"  # the synthesizers' own optimizer: adam | adamw | sgd
-    lr: float = 1e-4  # synthesizers' learning rate
-    warmup_steps: int = 0  # batch steps of true (backprop) gradients before synthetic ones
-    scale: float = 1.0  # multiplies the synthetic gradient a component applies to its weights
-
-
-@dataclass
-class MachConfig:
-    """The MACH family: teachers, target heads and students (mach_lightning/mach.py)."""
-
-    # What each teacher consumes in training: neighbour (the real neighbour's embedding), student
-    # (its student's imitation) or both (one target loss on each); a list gives one per component.
-    # Evaluation (acc_c{i}) always uses the student. true/false read as student/neighbour.
-    use_student: Any = "neighbour"  # neighbour | student | both, or a list, e.g. [both, neighbour]
-    target_weight: float = 1.0  # weight of each component's task (cross-entropy) loss
-    student_weight: float = 1.0  # weight of each student's distillation (MSE) loss
-    student_width: int = 512  # MLP student hidden width
-    student_depth: int = 1  # MLP student hidden layers before the embedding layer
-    upstream_frozen: bool = False  # mach_single: keep the upstream's weights fixed
-    upstream_ckpt: str | None = None  # mach_single: start the upstream from a sync checkpoint
-
-
-@dataclass
-class TrainerConfig:
-    max_epochs: int = 20
-    max_steps: int = -1  # batch steps (not optimizer steps); -1 means no limit
-    accelerator: str = "auto"  # auto | cpu | gpu
-    devices: Any = "auto"  # number of devices, or auto
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | ddp_cpu ...
-    precision: str = "32-true"
-    deterministic: bool = False  # torch deterministic algorithms (slower, exact repeats)
-    limit_train_batches: float = 1.0  # fraction (<=1.0) or number of batches per epoch
-    limit_val_batches: float = 1.0
-    check_val_every_n_epoch: int = 1
-    log_every_n_steps: int = 20  # batch steps between logged training metrics
-    progress_bar: bool = True
-    lean_steps: bool = True  # direct backward/steps when Lightning's would only pass through
-    test_after_fit: bool = True  # evaluate on the test split when training ends
-
-
-@dataclass
-class RunConfig:
-    root: str = "runs"  # run directories go to <root>/<name>/<id>
-    id: str | None = None  # defaults to a timestamp; fixed ids make resumable runs
-    checkpoint_every_n_steps: int = 0  # also save last.ckpt every N batch steps (0: epoch ends)
-    slurm_job_id: str | None = None  # set by the Slurm launcher; recorded in W&B's config
-    monitor: str = "val/acc"  # metric that picks the best checkpoint
-    monitor_mode: str = "max"  # max | min
-
-
-@dataclass
-class WandbConfig:
-    enabled: bool = True
-    mode: str = "auto"  # auto (offline without API key or network) | online | offline
-    project: str = "mach_lightning"
-    entity: str | None = None
-    group: str | None = None
-    job_type: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-
-
-@dataclass
-class Config:
-    name: str = "default"  # run name: the run directory is <run.root>/<name>/<id>
-    seed: int = 0  # seeds python, numpy, torch and the data order
-    resume: bool = False  # continue the latest run of this name from its last.ckpt
-    ckpt_path: str | None = None  # or continue from this checkpoint
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    topology: TopologyConfig = field(default_factory=TopologyConfig)
-    staleness: StalenessConfig = field(default_factory=StalenessConfig)
-    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
-    simtime: SimTimeConfig = field(default_factory=SimTimeConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    mach: MachConfig = field(default_factory=MachConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, explained in one paragraph that names the key, source and fix."""
 
 
 # Keys whose value must be one of a fixed set. Values are callables so registries filled
@@ -259,14 +120,35 @@ def _is_missing_path(cfg: DictConfig, key: str) -> bool:
     return isinstance(node, DictConfig) and OmegaConf.is_missing(node, leaf)
 
 
+def locate_config(path: str | Path) -> Path:
+    """The experiment file `path` names: that file when it exists, else the packaged one.
+
+    `configs/NAME.yaml` finds the packaged file from any folder; a bare `NAME.yaml` only where no
+    local configs/ folder exists, so that it never trains the packaged file in place of the user's
+    own (perhaps edited) configs/NAME.yaml. Not found: `path` unchanged, for the error."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    return packaged(CONFIGS, path, bare=not Path(CONFIGS).is_dir()) or path
+
+
+def _missing_config(path: Path) -> ConfigError:
+    local = sorted(Path(CONFIGS).glob("*.yaml")) if Path(CONFIGS).is_dir() else []
+    names = sorted({p.name for p in [*CONFIG_DIR.glob("*.yaml"), *local]})
+    near = nearest_file(path.name, [Path(n) for n in names])
+    # configs/NAME.yaml is found from any folder (the local file, else the packaged one).
+    hint = f" Did you mean {CONFIGS}/{near.name}?" if near else ""
+    return ConfigError(
+        f"Config file '{path}' does not exist.{hint} Experiment files in {CONFIGS}/ (shipped "
+        f"with mach_lightning, found from any folder): {', '.join(names)}."
+    )
+
+
 def _read_yaml(path: Path) -> DictConfig:
-    if not path.is_file():
-        hint = _suggest(path.name, [p.name for p in CONFIG_DIR.glob("*.yaml")])
-        raise ConfigError(f"Config file '{path}' does not exist.{hint} Files in configs/ work.")
-    try:
-        layer = OmegaConf.load(path)
-    except Exception as err:  # yaml errors carry line numbers; keep them
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+    found = locate_config(path)
+    if not found.is_file():
+        raise _missing_config(path)
+    layer = load_yaml(found, ConfigError, "Config file")
     if not isinstance(layer, DictConfig):
         raise ConfigError(f"Config file '{path}' must hold a mapping of keys, not a list or value.")
     return layer
@@ -279,8 +161,24 @@ def _parse_override(text: str) -> DictConfig:
         )
     try:
         return OmegaConf.from_dotlist([text])
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"Override '{text}' could not be parsed: {err}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        # The value is parsed as YAML: show which character broke it, not the parser's trace.
+        key, value = text.split("=", 1)
+        mark = getattr(err, "problem_mark", None)
+        at = f" at character {mark.column + 1}" if mark is not None and mark.line == 0 else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(
+            f"Override '{text}': the value '{value}' is not valid YAML ({problem}{at}). Write "
+            f"{key}=VALUE with VALUE a number (4), a list ([16,32]), a mapping ({{a: 1}}) or "
+            f"text, quoted if it has spaces or brackets ({key}='a b')."
+        ) from None
+
+
+def _choice_error(key: str, value: Any, choices: list[str], source: str) -> ConfigError:
+    return ConfigError(
+        f"'{key}={value}' (from {source}) is not a valid choice.{_suggest(str(value), choices)} "
+        f"Valid choices: {', '.join(choices)}."
+    )
 
 
 def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
@@ -288,11 +186,7 @@ def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         choices = choices_fn()
         if value is not None and value not in choices:
-            hint = _suggest(str(value), choices)
-            raise ConfigError(
-                f"'{key}={value}' (from {sources.get(key, 'the defaults')}) is not a valid "
-                f"choice.{hint} Valid choices: {', '.join(choices)}."
-            )
+            raise _choice_error(key, value, choices, sources.get(key, "the defaults"))
 
 
 def _check_missing(cfg: DictConfig, sources: dict[str, str]) -> None:
@@ -333,12 +227,14 @@ def load_config(
         sources.update({k: f"override '{text}'" for k in _all_keys(layer)})
     _check_missing(cfg, sources)
     _check_choices(cfg, sources)
-    validate_semantics(cfg)
+    validate_semantics(cfg, sources)
     return cfg
 
 
-def validate_semantics(cfg: DictConfig) -> None:
-    """Checks that span keys or need numbers in range; each names the key and the fix."""
+def validate_semantics(cfg: DictConfig, sources: dict[str, str] | None = None) -> None:
+    """Checks that span keys or need numbers in range; each names the key and the fix.
+
+    `sources` maps keys to the layer that set them, to name it in the Trainer values' errors."""
     if cfg.model.width < 1 or cfg.model.depth < 0 or cfg.model.embedding_dim < 1:
         raise ConfigError("model.width and model.embedding_dim must be >= 1, model.depth >= 0.")
     if cfg.model.num_components < 1:
@@ -351,78 +247,81 @@ def validate_semantics(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}.")
     if cfg.trainer.max_epochs < 1 and cfg.trainer.max_steps < 1:
         raise ConfigError("Set trainer.max_epochs >= 1 or trainer.max_steps >= 1: nothing to do.")
-    _validate_staleness(cfg)
-    _validate_synth_and_mach(cfg)
-
-
-def _validate_staleness(cfg: DictConfig) -> None:
-    """Staleness schedule, stale-gradient topology, diagnostics and simulated-time settings."""
-    s, k = cfg.staleness, cfg.model.num_components
-    if s.k < 0 or s.cap < 0:
-        raise ConfigError(f"staleness.k and staleness.cap must be >= 0 (got {s.k}, {s.cap}).")
-    if s.schedule == "list" and (len(s.delays) != k or min(s.delays, default=0) < 0):
+    if cfg.trainer.limit_train_batches <= 0:
         raise ConfigError(
-            f"staleness.schedule=list needs staleness.delays with one delay >= 0 per component "
-            f"(model.num_components={k}), got {list(s.delays)}; e.g. staleness.delays=[2,1,0]."
+            f"trainer.limit_train_batches={cfg.trainer.limit_train_batches} trains nothing: give "
+            f"a fraction in (0, 1] or a number of batches > 1."
         )
-    if not 0.0 < s.p <= 1.0:
-        raise ConfigError(f"staleness.p must lie in (0, 1], got {s.p}.")
-    if s.schedule == "straggler" and not 0 <= s.straggler_component < k:
+    if cfg.trainer.divergence_factor < 0:
+        raise ConfigError("trainer.divergence_factor must be >= 0 (0: stop on NaN/inf only).")
+    validate_trainer_values(cfg, sources or {})
+    validate_staleness(cfg)
+    validate_synth_and_mach(cfg)
+
+
+# What Lightning 2.x's Trainer accepts, hard-coded so that loading a config never imports Lightning
+# (slow); tests/test_config_errors.py checks both lists against Lightning's own, so an upgrade
+# that changes them fails there instead of at Trainer construction on a cluster.
+TRAINER_STRATEGIES = """
+    auto ddp ddp_spawn ddp_fork ddp_notebook
+    ddp_find_unused_parameters_false ddp_find_unused_parameters_true
+    ddp_spawn_find_unused_parameters_false ddp_spawn_find_unused_parameters_true
+    ddp_fork_find_unused_parameters_false ddp_fork_find_unused_parameters_true
+    ddp_notebook_find_unused_parameters_false ddp_notebook_find_unused_parameters_true
+    deepspeed deepspeed_stage_1 deepspeed_stage_2 deepspeed_stage_2_offload deepspeed_stage_3
+    deepspeed_stage_3_offload deepspeed_stage_3_offload_nvme fsdp fsdp_cpu_offload
+    single_device single_xla xla_debug xla single_tpu
+""".split()
+TRAINER_PRECISIONS = """
+    32-true 32 64-true 64 16-mixed 16 bf16-mixed bf16 16-true bf16-true
+    transformer-engine transformer-engine-float16
+""".split()
+DEVICES_FORMS = (
+    "auto, a positive number of devices per node (-1: all of them), or GPU indices as a list or "
+    "a comma-separated string (trainer.devices=[0,1] or trainer.devices='0,1')"
+)
+
+
+def _device_ids(value: Any) -> int | list[int] | str | None:
+    """trainer.devices as Lightning reads it ('auto', a count or indices), None if it cannot."""
+    if isinstance(value, bool):
+        return None  # bool is an int to Python, but devices=true is a mistake
+    if value == "auto" or isinstance(value, int):
+        return value
+    if isinstance(value, (list, ListConfig)):
+        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return list(value) if ok else None
+    if isinstance(value, str):
+        parts = [p for p in value.split(",") if p.strip()]  # Lightning drops empty parts: "0,"
+        try:
+            ids = [int(p) for p in parts]
+        except ValueError:
+            return None
+        return ids if "," in value else (ids[0] if ids else None)
+    return None
+
+
+def validate_trainer_values(cfg: DictConfig, sources: dict[str, str]) -> None:
+    """trainer.devices, .precision and .strategy as Lightning's Trainer will check them."""
+    t = cfg.trainer
+    for key, value, choices in (
+        ("trainer.strategy", t.strategy, TRAINER_STRATEGIES),
+        ("trainer.precision", t.precision, TRAINER_PRECISIONS),
+    ):
+        if value not in choices:
+            raise _choice_error(key, value, choices, sources.get(key, "the defaults"))
+    source = sources.get("trainer.devices", "the defaults")
+    ids = _device_ids(t.devices)
+    bad_count = isinstance(ids, int) and ids < 1 and ids != -1
+    bad_list = isinstance(ids, list) and (not ids or min(ids) < 0)
+    if ids is None or bad_count or bad_list:
         raise ConfigError(
-            f"staleness.straggler_component={s.straggler_component} is not a component index; "
-            f"use 0..{k - 1} (model.num_components={k})."
+            f"'trainer.devices={t.devices}' (from {source}) is not a valid device setting. "
+            f"Use {DEVICES_FORMS}."
         )
-    if s.straggler_factor < 1.0:
-        raise ConfigError(f"staleness.straggler_factor must be >= 1, got {s.straggler_factor}.")
-    t = cfg.topology
-    if t.dcasgd_lambda < 0 or t.async_buffer < 0 or t.aux_hidden < 1:
+    if t.accelerator == "cpu" and not (ids == "auto" or (isinstance(ids, int) and ids >= 1)):
         raise ConfigError(
-            "topology.dcasgd_lambda and topology.async_buffer must be >= 0, "
-            "topology.aux_hidden >= 1."
+            f"'trainer.devices={t.devices}' (from {source}) does not work with "
+            "trainer.accelerator=cpu: Lightning runs a number of CPU processes, so use auto or "
+            "a positive integer, e.g. trainer.devices=2."
         )
-    if cfg.diagnostics.cosine_every_n_steps < 0:
-        raise ConfigError("diagnostics.cosine_every_n_steps must be >= 0 (0 turns it off).")
-    sim = cfg.simtime
-    if sim.measure_reps < 1 or sim.link_latency_us < 0 or sim.link_bandwidth_gbs <= 0:
-        raise ConfigError(
-            "simtime.measure_reps must be >= 1, simtime.link_latency_us >= 0 and "
-            "simtime.link_bandwidth_gbs > 0."
-        )
-
-
-STUDENT_MODES = ("neighbour", "student", "both")
-
-
-def resolve_student_modes(use_student: Any, num_components: int) -> list[str]:
-    """mach.use_student as one mode per component: a single value applies to every component."""
-    is_list = isinstance(use_student, (list, tuple, ListConfig))
-    values = list(use_student) if is_list else [use_student]
-    modes = [
-        {True: "student", False: "neighbour"}.get(v, v) if isinstance(v, bool) else v
-        for v in values
-    ]
-    if len(modes) == 1:
-        modes = modes * num_components
-    if len(modes) != num_components or any(m not in STUDENT_MODES for m in modes):
-        raise ConfigError(
-            f"mach.use_student={use_student} must be one of {', '.join(STUDENT_MODES)} (or "
-            f"true/false), or a list with one per component (model.num_components={num_components})"
-            f", e.g. mach.use_student=[both,neighbour]."
-        )
-    return modes
-
-
-def _validate_synth_and_mach(cfg: DictConfig) -> None:
-    """Synthesizer (dni, cdni) and MACH settings."""
-    synth, mach = cfg.synth, cfg.mach
-    if synth.hidden < 1 or synth.layers < 0 or synth.warmup_steps < 0:
-        raise ConfigError("synth.hidden must be >= 1, synth.layers and synth.warmup_steps >= 0.")
-    if synth.lr <= 0 or synth.scale <= 0:
-        raise ConfigError(
-            f"synth.lr and synth.scale must be positive (got {synth.lr}, {synth.scale})."
-        )
-    if mach.target_weight < 0 or mach.student_weight < 0:
-        raise ConfigError("mach.target_weight and mach.student_weight must be >= 0.")
-    if mach.student_width < 1 or mach.student_depth < 0:
-        raise ConfigError("mach.student_width must be >= 1 and mach.student_depth >= 0.")
-    resolve_student_modes(mach.use_student, cfg.model.num_components)

@@ -16,7 +16,6 @@ output (then ReLU). The topologies wiring these together live in topologies/mach
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mach_lightning.components import Component
-from mach_lightning.engine.delay import frozen_buffers
+from mach_lightning.engine.simtime_measure import Work
 from mach_lightning.nets import BACKBONES
 
 
@@ -173,58 +172,24 @@ class Standalone(nn.Module):
         return c.classify(c.embed(x, c.imitate(x)))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def node_work(topology, x: torch.Tensor) -> list[Work]:
+    """Per node of a MACH topology, its own work for simulated time (engine/simtime.py).
 
-
-def time_ms(fn, reps: int, device: torch.device | None = None) -> float:
-    """Median wall-clock of fn() in ms over reps runs, after one warm-up run."""
-    device = device or torch.device("cpu")
-    fn()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1000.0 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
-
-
-def time_forward_backward(forward, params: list, reps: int, device) -> tuple[float, float]:
-    """(forward ms, backward ms) of a scalar-returning forward(), gradients taken w.r.t. params.
-
-    autograd.grad, not backward: nothing accumulates into .grad (the real run is untouched).
+    A node's teacher, head and student run with a dummy neighbour input, as on a device of its
+    own; its message is its published embedding.
     """
-    forward_ms = time_ms(forward, reps, device)
-    both_ms = time_ms(
-        lambda: torch.autograd.grad(forward(), params, allow_unused=True), reps, device
-    )
-    return forward_ms, max(both_ms - forward_ms, 0.0)
+    works = []
+    for i in range(topology.num_nodes()):
+        width = sum(topology.embedding_width(j) for j in topology.neighbours(i))
+        neighbour = x.new_zeros(x.shape[0], width) if width else None
 
+        def forward(i=i, neighbour=neighbour) -> list[torch.Tensor]:
+            imitation = topology.imitate(i, x)
+            logits = topology.classify(i, topology.embed(i, x, neighbour))
+            return [logits] if imitation is None else [logits, imitation]
 
-def measure_nodes(topology, x: torch.Tensor, reps: int):
-    """Per node of a MACH topology: forward ms, backward ms, bytes of its published embedding.
-
-    A node's own work (teacher, head, student) is timed with a dummy neighbour input, as it would
-    run on its own device; buffers are restored and nothing accumulates into .grad.
-    """
-    fwd, bwd, sizes = [], [], []
-    with frozen_buffers(topology):
-        for i in range(topology.num_nodes()):
-            width = sum(topology.embedding_width(j) for j in topology.neighbours(i))
-            neighbour = x.new_zeros(x.shape[0], width) if width else None
-
-            def scalar(i=i, neighbour=neighbour):
-                imitation = topology.imitate(i, x)
-                extra = 0.0 if imitation is None else imitation.sum()
-                return topology.classify(i, topology.embed(i, x, neighbour)).sum() + extra
-
-            modules = topology.node_modules(i)
-            params = [p for m in modules for p in m.parameters() if p.requires_grad]
-            forward_ms, backward_ms = time_forward_backward(scalar, params, reps, x.device)
-            fwd.append(forward_ms)
-            bwd.append(backward_ms)
-            sizes.append(x.shape[0] * topology.embedding_width(i) * x.element_size())
-    return fwd, bwd, sizes
+        modules = topology.node_modules(i)
+        params = [p for m in modules for p in m.parameters() if p.requires_grad]
+        size = x.shape[0] * topology.embedding_width(i) * x.element_size()
+        works.append(Work(forward, params, size))
+    return works

@@ -5,12 +5,17 @@
   metrics.csv        every logged metric, one row per log call, against `step`
   checkpoints/       last.ckpt (always) and best-*.ckpt (by run.monitor)
   wandb/             the W&B run (offline: `wandb sync <run>/wandb/offline-run-*` later)
-  result.json        final metrics, written when the run ends normally
+  result.json        final metrics and `status` (finished | diverged), written when the run ends
+  events.jsonl       what happened to the run: starts, resumes, applied config changes, requeues
+  .lock              held by the process running in the directory (run_lock.py)
+
+Every file is replaced atomically (atomic.py): a crash never leaves a half-written one.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import socket
@@ -25,9 +30,12 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from mach_lightning.atomic import atomic_write_text
 from mach_lightning.config import ConfigError
 
 RESULT_FILE = "result.json"
+EVENTS_FILE = "events.jsonl"
+FINISHED, DIVERGED, FINISHED_ALREADY = "finished", "diverged", "finished already"
 
 
 def run_parent(cfg: DictConfig) -> Path:
@@ -55,6 +63,11 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
     if cfg.run.id:
         run_dir = run_parent(cfg) / cfg.run.id
         last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file() and not cfg.resume:
+            raise ConfigError(
+                f"Run directory {run_dir} already holds a run (checkpoints/last.ckpt). Continue it "
+                f"with resume=true, or start a new one under another run.id. Nothing was written."
+            )
         # A fixed id with resume=true and no checkpoint yet is a first start (e.g. a new Slurm job).
         return run_dir, str(last) if cfg.resume and last.is_file() else None
     if cfg.resume:
@@ -77,13 +90,39 @@ def _new_id(cfg: DictConfig) -> str:
 
 
 def save_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def write_result(run_dir: Path, metrics: dict, status: str = FINISHED, reason: str = "") -> None:
+    """result.json: the final metrics (floats), the run's `status` and, if it diverged, why."""
+    record: dict = {k: float(v) for k, v in metrics.items()}
+    record["status"] = status
+    if reason:
+        record["reason"] = reason
+    atomic_write_text(run_dir / RESULT_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def log_run_event(run_dir: Path, event: str, **fields) -> None:
+    """Append one line to <run_dir>/events.jsonl (a small append stays whole)."""
+    record = {"event": event, "time": time.time(), "host": socket.gethostname(), **fields}
+    with open(Path(run_dir) / EVENTS_FILE, "a") as file:
+        file.write(json.dumps(record, default=str) + "\n")
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path, plan) -> None:
+    """The run's first writes, once its checkpoint and config have been checked (resume.py):
+    config.yaml, metrics.csv cut back to the checkpoint's step, the applied changes recorded.
+    A finished run trained further keeps its earlier result as result-step<N>.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-
-
-def write_result(run_dir: Path, metrics: dict) -> None:
-    clean = {k: float(v) for k, v in metrics.items()}
-    (run_dir / RESULT_FILE).write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    if plan.ckpt_path and (run_dir / RESULT_FILE).is_file():
+        os.replace(run_dir / RESULT_FILE, run_dir / f"result-step{plan.step}.json")
+    save_resolved_config(cfg, run_dir)
+    # a first start (no checkpoint) also drops the rows of an attempt that saved none
+    truncate_metrics(run_dir, plan.step, plan.csv_rows)
+    for key, (was, now) in plan.changes.items():
+        log_run_event(run_dir, "config_change", key=key, was=was, now=now, step=plan.step)
+    if plan.ckpt_path:
+        log_run_event(run_dir, "resume", step=plan.step, ckpt=plan.ckpt_path)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -127,19 +166,38 @@ class RunCSVLogger(CSVLogger):
         return self._experiment
 
 
-def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop rows logged after the resumed checkpoint, so a resumed run's CSV has no repeats."""
+def csv_rows(run_dir: Path) -> int:
+    """Data rows in <run_dir>/metrics.csv (a row never spans lines: every value is a number)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as file:
+        return max(sum(1 for _ in file) - 1, 0)
+
+
+def truncate_metrics(run_dir: Path, after_step: int, keep_rows: int | None = None) -> None:
+    """Drop rows logged after the resumed checkpoint, so a resumed run's CSV has no repeats.
+
+    `keep_rows`, the file's row count when the checkpoint was saved (LastCheckpoint records
+    it), is exact; without it, rows are kept up to the checkpoint's step, which also keeps rows
+    logged at that same step after the save (e.g. the next epoch's learning rates)."""
     path = run_dir / "metrics.csv"
     if not path.is_file():
         return
     with open(path, newline="") as file:
         reader = csv.DictReader(file)
         fields, rows = reader.fieldnames or [], list(reader)
-    kept = [r for r in rows if not r.get("step") or float(r["step"]) <= after_step]
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
+    if keep_rows is not None:
+        kept = rows[:keep_rows]
+    else:
+        kept = [r for r in rows if not r.get("step") or float(r["step"]) <= after_step]
+    if len(kept) == len(rows):
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, text.getvalue())
 
 
 def _has_wandb_key() -> bool:
@@ -186,6 +244,9 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path):
 
     mode = wandb_mode(cfg.logger.wandb)
     os.environ["WANDB_MODE"] = mode  # also stops wandb from prompting for a key
+    if mode == "offline":  # wandb's own banner is a dozen lines; one line says what matters
+        os.environ.setdefault("WANDB_SILENT", "true")
+        print(f"W&B: offline run under {run_dir / 'wandb'} (upload later with `wandb sync`)")
     run_id = wandb_run_id(cfg.name, run_dir)
     w = cfg.logger.wandb
     return WandbLogger(
@@ -201,3 +262,16 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path):
         resume="allow",
         config=OmegaConf.to_container(cfg, resolve=True),
     )
+
+
+def make_tensorboard_logger(run_dir: Path):
+    """TensorBoard event files in <run_dir>/tensorboard/ (`tensorboard --logdir runs/`)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    try:
+        return TensorBoardLogger(save_dir=str(run_dir), name="", version="tensorboard")
+    except ModuleNotFoundError as err:
+        raise ConfigError(
+            f"logger.tensorboard.enabled=true needs the tensorboard package ({err}): "
+            f"pip install tensorboard (or mach_lightning[tensorboard])."
+        ) from None

@@ -1,153 +1,23 @@
 #!/usr/bin/env python
-"""Launch runs and sweeps on Slurm (or this machine) with submitit.
+"""`python sweeps/launch.py ...`: the launcher, `mach-launch`, run from a checkout.
 
-  python sweeps/launch.py --config configs/sync.yaml --cluster slurm/local.yaml [key=value ...]
-  python sweeps/launch.py --sweep sweeps/staleness.yaml --cluster slurm/<profile>.yaml [key=value]
-  python sweeps/launch.py --sweep sweeps/staleness.yaml --cluster slurm/<profile>.yaml --dry-run
-  python sweeps/launch.py --sweep sweeps/staleness.yaml --cluster local     # no Slurm: this machine
-  python sweeps/launch.py --status staleness          # or a sweep file, or a run directory
-
-Re-running a sweep skips finished and still-queued runs and resubmits failed or missing ones,
-which continue from their last.ckpt. key=value overrides apply to every job of a sweep.
+The launcher lives in mach_lightning/launch/cli.py (installed as `mach-launch`); this file keeps
+the README's `python sweeps/launch.py` commands working. See `python sweeps/launch.py --help`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# This checkout's package wins over another installed copy, as when this file held the launcher.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mach_lightning.launch import profiles, status, submit  # noqa: E402
-from mach_lightning.launch.sweep import SweepError, expand_sweep, single_job  # noqa: E402
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="python sweeps/launch.py",
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n", 2)[2],
-    )
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--config", help="one run of this experiment file")
-    what.add_argument("--sweep", help="a sweep file (sweeps/*.yaml)")
-    what.add_argument("--status", metavar="SWEEP", help="state of a sweep's jobs (name or file)")
-    p.add_argument(
-        "--cluster",
-        default=None,
-        help="cluster profile: slurm/<name>.yaml, a name in slurm/, or `local` "
-        "(submitit's local executor, no Slurm)",
-    )
-    p.add_argument(
-        "--dry-run", action="store_true", help="print jobs and sbatch file; submit nothing"
-    )
-    p.add_argument("--wait", action="store_true", help="wait until every job has ended")
-    p.add_argument("overrides", nargs="*", help="key=value config overrides for every job")
-    return p.parse_args(argv)
-
-
-def sweep_path(spec: str) -> Path:
-    path = Path(spec)
-    if not path.is_file() and (REPO / "sweeps" / f"{spec}.yaml").is_file():
-        path = REPO / "sweeps" / f"{spec}.yaml"
-    return path
-
-
-def build_jobs(args, profile):
-    pre = list(profile.config_overrides)
-    if args.config:
-        return "run", [single_job(args.config, args.overrides, pre)]
-    spec, jobs = expand_sweep(sweep_path(args.sweep), args.overrides, pre)
-    return spec["name"], jobs
-
-
-def print_dry_run(jobs, profile, label) -> None:
-    rows = [[j.key, j.topology, "baseline" if j.baseline else "", str(j.run_dir)] for j in jobs]
-    print(f"{label}: {len(jobs)} job(s) on cluster '{profile.name}' ({profile.executor})")
-    print(status.format_table(["job", "topology", "", "run directory"], rows))
-    first = jobs[0]
-    config = f"--config {first.config} " if first.config else ""
-    print(f"\njob 1 runs: python -m mach_lightning.fit {config}{' '.join(first.overrides)}")
-    if profile.executor == "slurm":
-        folder = first.run_dir.parent / ".submitit"
-        kind = f"one job array of {len(jobs)}" if len(jobs) > 1 else "one job"
-        print(f"\nsbatch file ({kind}):")
-        print(submit.sbatch_script(profile, folder, label, len(jobs)))
-    print("dry run: nothing submitted")
-
-
-def print_submitted(planned, sjobs) -> None:
-    ids = iter(sjobs)
-    rows = []
-    for job, action in planned:
-        job_id = next(ids).job_id if action.startswith("submit") else "-"
-        rows.append([job.key, action, job_id, str(job.run_dir)])
-    print(status.format_table(["job", "action", "job id", "run directory"], rows))
-    for job, action in planned:
-        if action.startswith("submit") and len(planned) == 1:
-            sub = status.last_submission(job.run_dir)
-            print(
-                f"job id: {sub['job_id']}\nrun directory: {job.run_dir}\n"
-                f"log: {sub['stdout'][0]}  (linked from {job.run_dir / 'logs'})"
-            )
-
-
-def wait_and_report(entries) -> int:
-    while True:
-        rows = status.status_rows(entries)
-        if not any(r.active for r in rows):
-            break
-        time.sleep(2)
-    print(status.format_status(rows))
-    return 0 if all(r.state == "FINISHED" for r in rows) else 1
-
-
-def show_status(args) -> int:
-    run_dir = Path(args.status)
-    if (run_dir / status.LAUNCH).is_file():
-        entries = [(run_dir.name, run_dir)]
-    else:
-        args.sweep, args.config = args.status, None
-        profile = profiles.load_profile(args.cluster or "local")
-        label, jobs = build_jobs(args, profile)
-        entries = [(j.key, j.run_dir) for j in submit.prepare(jobs, profile, label)]
-    print(status.format_status(status.status_rows(entries)))
-    return 0
+from mach_lightning.launch import cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.status:
-            return show_status(args)
-        if not args.cluster:
-            raise profiles.ProfileError(
-                "say where to run: --cluster slurm/<profile>.yaml (see slurm/), or --cluster "
-                "local for this machine without Slurm."
-            )
-        profile = profiles.load_profile(args.cluster)
-        label, jobs = build_jobs(args, profile)
-        jobs = submit.prepare(jobs, profile, label)
-        label = label if args.sweep else jobs[0].run_dir.parent.name  # a run: the config's name
-    except (SweepError, profiles.ProfileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    for warning in profiles.warnings(profile):
-        print(f"warning: {warning}", file=sys.stderr)
-    if args.dry_run:
-        print_dry_run(jobs, profile, label)
-        return 0
-    planned = submit.plan(jobs)
-    todo = [job for job, action in planned if action.startswith("submit")]
-    sjobs = submit.submit(todo, profile, label)
-    print_submitted(planned, sjobs)
-    if args.wait or profile.executor == "local":
-        return wait_and_report([(j.key, j.run_dir) for j in jobs])
-    return 0
+    return cli.main(argv, prog="python sweeps/launch.py")
 
 
 if __name__ == "__main__":

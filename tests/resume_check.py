@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from mach_lightning import fit
+from mach_lightning import training
 from mach_lightning.fit import run_fit
 
 
@@ -43,10 +43,10 @@ def resumed_equals_uninterrupted(tiny_cfg, monkeypatch, *flags: str, cut: int = 
         f"run.checkpoint_every_n_steps={cut}",
         *flags,
     )
-    build = fit.build_callbacks
+    build = training.build_callbacks
 
     def run(callback: Callback, *extra: str):
-        monkeypatch.setattr(fit, "build_callbacks", lambda *a: build(*a) + [callback])
+        monkeypatch.setattr(training, "build_callbacks", lambda *a: build(*a) + [callback])
         return run_fit(tiny_cfg(*flags, *extra))
 
     whole, resumed = FinalWeights(), FinalWeights()

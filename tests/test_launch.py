@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mach_lightning.launch import profiles, status, submit
-from mach_lightning.launch.sweep import expand_sweep
+from mach_lightning.launch.sweep import SweepError, expand_sweep
 
 from .conftest import REPO
 
@@ -94,6 +94,73 @@ def test_a_semantic_error_names_the_job_and_the_key(tmp_path, capsys):
     assert code == 2 and "lr--1__seed-0" in err and "optim.lr" in err
 
 
+@pytest.mark.parametrize(
+    "axis, hint",
+    [
+        ("trainer.strategy: [ddp, dpp]", "Did you mean ddp?"),
+        ("trainer.precision: [64-foo]", "64-true"),
+    ],
+)
+def test_a_bad_trainer_value_stops_the_sweep_before_submission(
+    tmp_path, capsys, monkeypatch, axis, hint
+):
+    # Lightning only checks these when the Trainer is built: on the cluster, too late.
+    sweep = write_sweep(tmp_path, f"grid:\n  {axis}\n")
+    monkeypatch.setattr(submit, "submit", lambda *a, **k: pytest.fail("submitted a bad sweep"))
+    code = load_cli().main(
+        ["--sweep", str(sweep), "--cluster", "local", f"run.root={tmp_path / 'r'}"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing was submitted" in err and "Traceback" not in err
+    assert axis.split(":")[0] in err and hint in err and "Valid choices:" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_overrides_may_come_before_and_between_options(tmp_path, capsys):
+    argv = ["seed=1", "--config", SYNC, "optim.lr=0.01", "--cluster", "local", "--dry-run"]
+    code = load_cli().main(argv + [f"run.root={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "nothing submitted" in out
+    assert f"--config {SYNC} seed=1 optim.lr=0.01 run.root={tmp_path}" in out
+
+
+def test_sweep_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
+    sweep = write_sweep(tmp_path, "grid:\n  optim.lr: [0.1, 0.2\nseeds: [0]\n")
+    code = load_cli().main(["--sweep", str(sweep), "--cluster", "local", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"Sweep file '{sweep}' is not valid YAML: line 5, column 6" in err
+    assert "flow sequence at line 4, column 13" in err  # where the unclosed [ opened
+
+
+@pytest.mark.parametrize(
+    "text, line, expected",
+    [
+        ("seeds: [a]\n", 3, "seeds must be a list of integers, e.g. seeds: [0, 1, 2]; got ['a']"),
+        ("seeds: 3\n", 3, "seeds: [0, 1, 2]"),
+        ("overrides: seed=1\n", 3, "overrides: [data.name=mnist"),
+        ("random: {samples: 2, axes: {optim.lr: {uniform: [1]}}}\n", 3, "optim.lr: {uniform: ["),
+        ("random:\n  axes:\n    optim.lr: {log_uniform: [0, 1]}\n", 5, "0 < low <= high"),
+        ("random:\n  axes:\n    optim.name: {choice: []}\n", 5, "choice: [adam, sgd]"),
+        ("random:\n  axes:\n    optim.lr: {normal: [0, 1]}\n", 5, "{uniform: [0.0, 0.5]} |"),
+        ("random:\n  samples: x\n  axes: {optim.lr: {uniform: [0.1, 0.2]}}\n", 3, "samples: 4"),
+        ("random: [1, 2]\n", 3, "random must be a mapping, e.g. random: {samples: 4"),
+        ("grid: {optim.lr: 0.1}\n", 3, "needs a non-empty list of values or '*'"),
+    ],
+)
+def test_bad_sweep_values_name_the_line_and_a_valid_form(tmp_path, text, line, expected):
+    sweep = write_sweep(tmp_path, text)
+    with pytest.raises(SweepError) as err:
+        expand_sweep(sweep, [])
+    assert f"{sweep}, line {line}: " in str(err.value) and expected in str(err.value)
+
+
+def test_missing_sweep_file_suggests_the_nearest(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SweepError, match=r"Did you mean sweeps/staleness\.yaml\?.*topologies"):
+        expand_sweep("sweeps/stalenes.yaml", [])
+
+
 def test_grid_random_seeds_and_baselines_expand(tmp_path):
     sweep = write_sweep(
         tmp_path,
@@ -136,7 +203,8 @@ def test_shipped_sweeps_validate(name, tmp_path):
         pytest.skip("sweeps/staleness.yaml needs the `delayed` topology (stale-gradient engine)")
     profile = profiles.load_profile("example-4x8gpu")
     _, jobs = expand_sweep(REPO / "sweeps" / f"{name}.yaml", [f"run.root={tmp_path}"])
-    jobs = submit.prepare(jobs, profile, name)
+    # The configs only: the profile's data.root=/datasets is on that cluster, not here.
+    jobs = submit.prepare(jobs, profile, name, check=False)
     assert jobs and all(j.run_dir.parent.name == name for j in jobs)
 
 
@@ -150,6 +218,27 @@ def test_profile_errors_name_the_key(tmp_path):
         profiles.load_profile(bad)
     with pytest.raises(profiles.ProfileError, match="example-4x8gpu"):
         profiles.load_profile("example-4x8")
+
+
+def test_profile_yaml_syntax_error_names_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("nodes: 2\npartition: gpu: a100\n")
+    with pytest.raises(profiles.ProfileError) as err:
+        profiles.load_profile(bad)
+    msg = str(err.value)
+    assert f"Cluster profile '{bad}' is not valid YAML: line 2, column 15: mapping values" in msg
+
+
+def test_missing_profile_path_suggests_the_nearest_and_lists_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # repository-relative profile paths work from anywhere
+    assert profiles.load_profile("slurm/local.yaml").partition == "debug"
+    with pytest.raises(profiles.ProfileError) as err:
+        profiles.load_profile("slurm/locl.yaml")
+    msg = str(err.value)
+    assert "Did you mean slurm/local.yaml?" in msg
+    assert "slurm/example-4x8gpu.yaml, slurm/local.yaml" in msg and "`local`" in msg
+    code = load_cli().main(["--config", SYNC, "--cluster", "slurm/locl.yaml", "--dry-run"])
+    assert code == 2 and "Did you mean slurm/local.yaml?" in capsys.readouterr().err
 
 
 def test_status_shows_a_failed_jobs_error_and_plans_its_resubmission(tmp_path):

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mach_lightning import export
 from mach_lightning.components import build_optimizer
 from mach_lightning.config import ConfigError, load_config
 from mach_lightning.data import create_datamodule
@@ -178,36 +177,6 @@ def test_student_mode_keeps_the_parents_loss_out_of_the_child(tmp_path):
 def test_use_student_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="mach.use_student"):
         make(tmp_path, "mach_seq", 2, "mach.use_student=[student,maybe]")
-
-
-def test_export_round_trip_and_cost_report(tmp_path, capsys):
-    cfg = load_config(
-        None,
-        tiny_overrides(
-            tmp_path,
-            "topology.name=mach_seq",
-            "model.num_components=2",
-            *SMALL,
-            "trainer.max_steps=3",
-        ),
-    )
-    run_dir = run_fit(cfg)["run_dir"]
-    out = tmp_path / "c0.pt"
-    assert (
-        export.main(
-            ["--ckpt", f"{run_dir}/checkpoints/last.ckpt", "--component", "0", "--out", str(out)]
-        )
-        == 0
-    )
-    report = capsys.readouterr().out
-    assert "standalone" in report and "full chain" in report
-    model = export.load_topology(f"{run_dir}/checkpoints/last.ckpt")
-    loaded = export.load_standalone(out)
-    x, _ = batch()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), model.eval_logits(x)["c0"])
-    results = export.compare(model, 0)
-    assert results["standalone"]["params"] < results["full chain"]["params"]
 
 
 def test_mach_single_distils_from_a_frozen_upstream_loaded_from_sync(tmp_path):

@@ -26,6 +26,17 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     assert test in ci_lines, f".ci/run must run the README's test command: {test}"
 
 
+def test_quick_start_creates_a_virtualenv_before_the_two_commands():
+    before = README.split("## Quick start", 1)[1].split("```bash", 1)[0]
+    assert "python -m venv .venv && . .venv/bin/activate" in before
+
+
+def test_the_commands_the_readme_names_are_console_scripts():
+    named = set(re.findall(r"`(mach-[a-z]+)", README))
+    scripts = set(re.findall(r"^(mach-[a-z]+) = ", (REPO / "pyproject.toml").read_text(), re.M))
+    assert named and named <= scripts, f"README names {named - scripts}, not in [project.scripts]"
+
+
 def test_topology_table_lists_every_registered_topology_with_a_loadable_config():
     table = README.split("## Topologies", 1)[1].split("\n\n", 2)[1]
     rows = [line for line in table.splitlines() if line.startswith("| `")]

@@ -180,7 +180,7 @@ def test_problems_are_listed_apart_and_never_averaged(synthetic):
     assert kinds["in progress"].run.endswith("delayed-k2-w32-seed3")
     # the mismatched baseline is refused: named, and no difference is computed
     assert kinds["baseline mismatch"].run.endswith("local-k1-w64-seed0")
-    assert "model.width 64 vs 32" in kinds["baseline mismatch"].detail
+    assert "model.width (64 vs 32)" in kinds["baseline mismatch"].detail
     assert kinds["missing baseline"].run.endswith("local-k1-w64-seed7")
     rows = rows_by_label(comp)
     assert rows["delayed, k=2"].excluded == 1 and len(rows["delayed, k=2"].runs) == 3
@@ -188,6 +188,40 @@ def test_problems_are_listed_apart_and_never_averaged(synthetic):
     assert all(d is None for d in rows["local"].deltas.values()) and rows["local"].target is None
     titles = ["digits · mlp K=2, width=32", "digits · mlp K=2, width=64"]
     assert [t.title for t in comp.tables] == titles
+
+
+def test_unreadable_run_files_are_problems_and_never_stop_the_report(synthetic, tmp_path, capsys):
+    """A result.json or config.yaml cut short (a full disk, a copy interrupted) and an empty
+    config.yaml of a finished run: each run is left out and named under Problems, with the file
+    and the fault; the other runs' numbers are unchanged."""
+    delayed = dict(k=2, schedule="constant", sim_rate=0.005)
+    cut = write_run(synthetic, "delayed", 5, 0.93, **delayed)
+    text = (cut / "result.json").read_text()
+    (cut / "result.json").write_text(text[: len(text) // 2])
+    bad_yaml = write_run(synthetic, "sync", 6, 0.9)
+    config = (bad_yaml / "config.yaml").read_text()
+    (bad_yaml / "config.yaml").write_text(config[: config.index("num_components")])
+    empty = write_run(synthetic, "sync", 7, 0.9)  # finished: a valid result.json
+    (empty / "config.yaml").write_text("")
+    never = synthetic / "sw" / "delayed-seed9"  # submitted; its launch.json cut short
+    never.mkdir()
+    (never / "launch.json").write_text('{"key": "delayed-seed9", "submissions": [{"job_')
+
+    out = tmp_path / "out"
+    assert main(["sw", "--run-root", str(synthetic), "--out", str(out)]) == 0
+    assert "4 unreadable" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    section = md.split("### unreadable (4)", 1)[1].split("###", 1)[0]
+    lines = {ln.split("|")[1].strip(): ln for ln in section.splitlines() if ln.startswith("| /")}
+    assert "result.json: not valid JSON (cut short?)" in lines[str(cut)]
+    assert "| delayed, k=2 |" in lines[str(cut)]  # its settings were readable: its row is named
+    assert "config.yaml: not valid YAML (cut short?)" in lines[str(bad_yaml)]
+    assert "config.yaml: empty" in lines[str(empty)] and "the run finished" in lines[str(empty)]
+    assert "launch.json: not valid JSON (cut short?)" in lines[str(never)]
+    in_progress = md.split("### in progress (1)", 1)[1].split("###", 1)[0]
+    assert "delayed-k2-w32-seed3" in in_progress and str(empty) not in in_progress
+    assert "| sync | 3 | 92.00 ± 2.00 | baseline |" in md  # the readable runs, as before
+    assert "| delayed, k=2 | 3 (+2 excluded) | 90.33 ± 2.08 |" in md
 
 
 def test_unfinished_sweep_runs_take_the_launchers_state(tmp_path):
@@ -323,7 +357,7 @@ def test_wandb_report_object_without_a_server(synthetic, monkeypatch):
     assert any(isinstance(p, wr.BarPlot) for p in grids[0].panels)
     markdown = [b.text for b in report.blocks if isinstance(b, wr.MarkdownBlock)]
     assert any("-1.67 [-3.10, -0.23] ◆" in text for text in markdown)
-    assert any("model.width 64 vs 32" in text for text in markdown)  # the problems too
+    assert any("model.width (64 vs 32)" in text for text in markdown)  # the problems too
 
 
 def test_publish_offline_explains_and_writes_the_local_report(

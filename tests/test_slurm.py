@@ -1,10 +1,10 @@
 """The launcher on a real Slurm cluster: the dev cluster of `slurm/dev-cluster.sh` (two nodes on
-this machine). With CI=true these tests must run; elsewhere they skip when no cluster answers."""
+this machine). They submit real jobs, so they run only against that cluster, recognised by its
+ClusterName and slurm.conf (tests/slurm_guard.py): elsewhere they skip, and with CI=true fail."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -15,9 +15,10 @@ import yaml
 
 from mach_lightning.launch import profiles, status, submit
 from mach_lightning.launch.sweep import single_job
-from mach_lightning.launch.task import read_events
+from mach_lightning.launch.task import ERROR, read_events
 from mach_lightning.report.__main__ import main as report_main
 
+from . import slurm_guard
 from .conftest import REPO
 from .test_launch import SYNC, load_cli, write_sweep
 from .test_report import check_in_chromium
@@ -27,43 +28,27 @@ LOCAL_PROFILE = REPO / "slurm" / "local.yaml"
 TINY = ["trainer.max_steps=15", "trainer.log_every_n_steps=5", "logger.wandb.mode=offline"]
 
 
-def _cluster_problem() -> str:
-    if shutil.which("sinfo") is None:
-        return "Slurm is not installed (no `sinfo`)"
-    try:
-        out = subprocess.run(
-            ["sinfo", "-h", "-p", "debug", "-o", "%D %T"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except subprocess.SubprocessError as err:
-        return f"`sinfo` did not answer: {err}"
-    if out.returncode != 0:
-        return f"no Slurm cluster answers (`sinfo` failed: {out.stderr.strip()})"
-    nodes = sum(
-        int(line.split()[0])
-        for line in out.stdout.splitlines()
-        if line.split()[1].rstrip("*~#") in ("idle", "mixed", "allocated", "completing")
-    )
-    return "" if nodes >= 2 else f"partition `debug` has {nodes} usable nodes, need 2"
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    problem = _cluster_problem()
-    if problem:
-        hint = "start the dev cluster with `sudo slurm/dev-cluster.sh start`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {problem}: {hint} (.ci/run does).")
-        pytest.skip(f"{problem}; {hint}")
+    action, why = slurm_guard.decide()  # only the dev cluster, recognised for certain
+    if action == "fail":
+        pytest.fail(why)
+    if action == "skip":
+        pytest.skip(why)
     return profiles.load_profile(LOCAL_PROFILE)
 
 
-def wait_for(entries, timeout=300) -> list[status.Row]:
+def wait_for(entries, timeout=300, seen: dict | None = None) -> list[status.Row]:
+    """Poll --status's rows until no job is active; `seen` collects every state shown per job
+    and, under "error.txt", every run directory where an error.txt appeared meanwhile."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         rows = status.status_rows(entries)
+        if seen is not None:
+            for row, (_, run_dir) in zip(rows, entries):
+                seen.setdefault(row.key, set()).add(row.state)
+                if (Path(run_dir) / ERROR).exists():
+                    seen.setdefault(ERROR, set()).add(str(run_dir))
         if not any(r.active for r in rows):
             return rows
         time.sleep(1)
@@ -189,12 +174,16 @@ def test_requeue_resumes_from_last_checkpoint_with_the_same_final_metrics(cluste
         time.sleep(0.2)
     assert ckpt.exists(), "no periodic checkpoint within 180 s"
     subprocess.run(["scancel", "--signal=USR2", cut.job_id], check=True)  # what submitit handles
-    rows = wait_for([(j.key, j.run_dir) for j in jobs], timeout=400)
+    seen: dict = {}
+    rows = wait_for([(j.key, j.run_dir) for j in jobs], timeout=400, seen=seen)
     finished(rows)
 
+    # A requeue looks like one: no error event, no error.txt at any time, never FAILED or LOST.
     events = read_events(jobs[1].run_dir)
-    kinds = [e["event"] for e in events]
+    kinds = [e["event"] for e in events if "rank" in e]  # the task's events (run_fit logs others)
     assert kinds == ["start", "requeue", "start", "end"], kinds
+    assert ERROR not in seen, seen
+    assert seen["cut"] <= status.ACTIVE | {"FINISHED"}, seen
     restart = events[2]
     assert restart["slurm"].get("restart_count") == "1"  # requeued by Slurm, same job id
     assert restart["slurm"]["job"] == cut.job_id
@@ -206,3 +195,39 @@ def test_requeue_resumes_from_last_checkpoint_with_the_same_final_metrics(cluste
     drop = [k for k in results[0] if k.startswith(("time/", "mem/"))]  # machine-dependent only
     expected, got = ({k: v for k, v in r.items() if k not in drop} for r in results)
     assert got == expected
+
+
+def test_requeue_under_two_node_ddp_records_no_error(cluster, tmp_path):
+    """Under DDP the requeue ends rank 1 by Slurm's SIGTERM and a collective whose peer (rank 0,
+    gone by submitit's exit) closed the connection: still a requeue, not a failure."""
+    two = tmp_path / "two-nodes.yaml"
+    two.write_text(LOCAL_PROFILE.read_text().replace("\nnodes: 1", "\nnodes: 2"))
+    profile = profiles.load_profile(two)
+    overrides = [
+        f"run.root={tmp_path}",
+        "run.id=cut",
+        "trainer.max_epochs=6",
+        "run.checkpoint_every_n_steps=7",
+        "trainer.log_every_n_steps=11",
+        "logger.wandb.mode=offline",
+    ]
+    jobs = submit.prepare([single_job(SYNC, overrides, profile.config_overrides)], profile, "ddp")
+    (sjob,) = submit.submit(jobs, profile, "ddp")
+    run_dir = jobs[0].run_dir
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert (run_dir / "checkpoints" / "last.ckpt").exists(), "no periodic checkpoint in 180 s"
+    subprocess.run(["scancel", "--signal=USR2", sjob.job_id], check=True)
+    seen: dict = {}
+    finished(wait_for([("cut", run_dir)], timeout=400, seen=seen))
+
+    events = [e for e in read_events(run_dir) if "rank" in e]
+    by_rank = {r: [e["event"] for e in events if e["rank"] == r] for r in (0, 1)}
+    assert by_rank == {0: ["start", "requeue", "start", "end"], 1: ["start", "start", "end"]}
+    assert ERROR not in seen, seen  # no error.txt, not even between the requeue and the restart
+    assert seen["cut"] <= status.ACTIVE | {"FINISHED"}, seen
+    logs = "".join(Path(p).read_text() for p in status.last_submission(run_dir)["stderr"])
+    assert "Submitted job triggered an exception" not in logs  # no rank ended by a traceback
+    restart = [e for e in events if e["event"] == "start" and e["rank"] == 0][1]
+    assert restart["slurm"]["restart_count"] == "1" and restart["resume_step"] > 0  # not scratch

@@ -27,6 +27,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.num_classes: int = self.dataset.num_classes
         self.channel_mean: torch.Tensor | None = None  # set by setup when normalising
         self.channel_std: torch.Tensor | None = None
+        self.max_value: float | None = None  # what the raw files' values are divided by
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
@@ -51,6 +52,7 @@ class InMemoryDataModule(L.LightningDataModule):
         if self._splits is not None:  # fit, validate and test share one setup
             return
         raw = self.dataset.load(self.data_cfg)
+        self.max_value = raw.max_value
         order = torch.randperm(
             len(raw.train_labels), generator=torch.Generator().manual_seed(self.seed)
         )
@@ -73,6 +75,18 @@ class InMemoryDataModule(L.LightningDataModule):
             self.channel_std = train_images.std(dim=(0, 2, 3))
             splits = {name: (self._standardise(x), y) for name, (x, y) in splits.items()}
         self._splits = splits
+
+    def state_dict(self) -> dict:
+        """The input scaling and normalisation, saved in every checkpoint so an exported model
+        takes raw inputs without recomputing them (export_input.py)."""
+        return {
+            "max_value": self.max_value,
+            "channel_mean": self.channel_mean,
+            "channel_std": self.channel_std,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: setup() recomputes the same constants from the same data."""
 
     def _standardise(self, images: torch.Tensor) -> torch.Tensor:
         mean = self.channel_mean.view(1, -1, 1, 1)

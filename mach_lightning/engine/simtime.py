@@ -1,9 +1,19 @@
 """Simulated parallel time: the wall-clock a step would take with each component on its own device.
 
-On the first training batch, each component's forward and backward are timed on that batch
-(`simtime.measure_reps` repetitions after one warm-up; the minimum, the repetition least disturbed
-by other processes, which is what a device of its own would see; run with autograd.grad on detached
-copies, so no .grad, BatchNorm statistic or random number of the real run is touched). From these:
+Each component's forward and backward cost on a training batch comes from one of two models
+(`simtime.cost`; engine/simtime_measure.py does the measuring, without touching the run):
+
+  measured  timed on this machine with torch.utils.benchmark, torch pinned to
+            `simtime.measure_threads` threads (on one CPU thread, by its CPU time): the fastest
+            of `simtime.measure_reps` short rounds, on the first batch, at EARLY_TIMINGS and
+            every `simtime.remeasure_every_n_steps` batch steps; the estimate in use is
+            the median of all measurements so far, so one taken while the machine was busy is
+            outvoted
+  flops     forward and backward FLOPs (FlopCounterMode) divided by `simtime.flops_per_s`,
+            counted once: a deterministic function of the config, identical across runs and
+            machines (matmuls and convolutions only; elementwise work counts nothing)
+
+From these:
 
   f_i, b_i    forward and backward ms of component i (its auxiliary head included, if any),
               times its hardware slowdown s_i (the straggler schedule's factor, 1 otherwise)
@@ -27,14 +37,26 @@ time-to-accuracy compares in simulated parallel time, not only in steps.
 
 from __future__ import annotations
 
-import time
+import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mach_lightning.engine.delay import frozen_buffers
+from mach_lightning.engine.simtime_measure import (
+    Work,
+    chain_work,
+    count_flops,
+    side_effect_free,
+    time_works,
+)
+
+# Timed runs also measure at these early steps: the estimate most of the first N steps add up
+# is then already a median of three, spread past the start, when data-loader workers and
+# other processes starting up can slow every call of one or two measurements by a third.
+EARLY_TIMINGS = (0, 4, 16)
 
 
 @dataclass
@@ -48,17 +70,24 @@ class SimLayout:
 
 
 class SimClock:
-    """Measures per-component timings once, then advances simulated time step by step."""
+    """Measures per-component costs when due, then advances simulated time step by step."""
 
     def __init__(self, simtime_cfg, slowdowns: list[float]):
-        self.enabled = bool(simtime_cfg.enabled)
-        self.reps = int(simtime_cfg.measure_reps)
-        self.latency_ms = float(simtime_cfg.link_latency_us) / 1000.0
-        self.bytes_per_ms = float(simtime_cfg.link_bandwidth_gbs) * 1e9 / 1000.0
+        get = simtime_cfg.get  # .get: a checkpoint's saved config may predate the newer keys
+        self.enabled = bool(get("enabled", True))
+        self.cost = str(get("cost", "measured"))
+        self.flops_per_s = float(get("flops_per_s", 5e10))
+        self.every = int(get("remeasure_every_n_steps", 200))
+        self.reps = int(get("measure_reps", 20))
+        self.threads = int(get("measure_threads", 1))
+        self.latency_ms = float(get("link_latency_us", 10.0)) / 1000.0
+        self.bytes_per_ms = float(get("link_bandwidth_gbs", 16.0)) * 1e9 / 1000.0
         self.slowdowns = list(slowdowns)
-        self.fwd_ms: list[float] = []
+        self.samples: list[tuple[list[float], list[float]]] = []  # (fwd_ms, bwd_ms) per measurement
+        self.fwd_ms: list[float] = []  # the estimate in use: medians over samples
         self.bwd_ms: list[float] = []
         self.out_bytes: list[int] = []
+        self.measured_at = -1  # batch step of the latest measurement
         self.elapsed_ms, self.last_step_ms = 0.0, 0.0
         self._cached: tuple = (None, None, 0.0)  # (layout, fwd_ms list, its step_ms)
 
@@ -66,21 +95,46 @@ class SimClock:
     def measured(self) -> bool:
         return bool(self.fwd_ms)
 
-    def measure(self, components: nn.ModuleList, x: torch.Tensor) -> None:
-        times: list[tuple[list, list]] = [([], []) for _ in components]
-        self.out_bytes = []
-        with frozen_buffers(components):
-            for rep in range(self.reps + 1):
-                h = x
-                for i, component in enumerate(components):
-                    fwd, bwd, h = _time_component(component, h, needs_input_grad=i > 0)
-                    if rep > 0:  # the first repetition warms up caches and kernels
-                        times[i][0].append(fwd)
-                        times[i][1].append(bwd)
-                    if rep == 0:
-                        self.out_bytes.append(h.numel() * h.element_size())
-        self.fwd_ms = [min(f) for f, _ in times]
-        self.bwd_ms = [min(b) for _, b in times]
+    @property
+    def basis(self) -> str:
+        """What the costs are in: checkpointed, so a resume under another cost model re-measures."""
+        return "measured" if self.cost == "measured" else f"flops@{self.flops_per_s:g}"
+
+    def due(self, step: int) -> bool:
+        """Whether to measure before batch step `step`: the first batch; when timed and
+        re-measuring, also the EARLY_TIMINGS steps and every N-th."""
+        if not self.enabled:
+            return False
+        if not self.measured:
+            return True
+        if self.cost != "measured" or self.every <= 0 or step == self.measured_at:
+            return False  # counted FLOPs do not change
+        return step in EARLY_TIMINGS or step % self.every == 0
+
+    def measure(self, components: nn.ModuleList, x: torch.Tensor, step: int = 0) -> None:
+        """Measure a backprop chain of components on batch input x."""
+        self.measure_work(components, lambda: chain_work(components, x), x.device, step)
+
+    def measure_work(
+        self, module: nn.Module, build: Callable[[], list[Work]], device, step: int = 0
+    ) -> None:
+        """Measure the works build() describes (one per component); module: all they touch."""
+        with side_effect_free(module, device):
+            works = build()
+            if self.cost == "flops":
+                ms_per_flop = 1e3 / self.flops_per_s
+                costs = [(f * ms_per_flop, b * ms_per_flop) for f, b in map(count_flops, works)]
+            else:
+                costs = time_works(works, device, self.reps, self.threads)
+        self.out_bytes = [w.out_bytes for w in works]
+        self.samples.append(([f for f, _ in costs], [b for _, b in costs]))
+        self._combine()
+        self.measured_at = step
+
+    def _combine(self) -> None:
+        # Median per component over all measurements: robust to one taken under a load burst.
+        self.fwd_ms = [statistics.median(c) for c in zip(*(f for f, _ in self.samples))]
+        self.bwd_ms = [statistics.median(c) for c in zip(*(b for _, b in self.samples))]
 
     def comm_ms(self, link: int) -> float:
         return self.latency_ms + self.out_bytes[link] / self.bytes_per_ms
@@ -116,6 +170,9 @@ class SimClock:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "basis": self.basis,
+            "samples": [[list(f), list(b)] for f, b in self.samples],
+            "measured_at": self.measured_at,
             "fwd_ms": self.fwd_ms,
             "bwd_ms": self.bwd_ms,
             "out_bytes": self.out_bytes,
@@ -123,34 +180,20 @@ class SimClock:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.fwd_ms = list(state.get("fwd_ms", []))
-        self.bwd_ms = list(state.get("bwd_ms", []))
-        self.out_bytes = list(state.get("out_bytes", []))
         self.elapsed_ms = float(state.get("elapsed_ms", 0.0))
-
-
-def _time_component(component: nn.Module, h: torch.Tensor, needs_input_grad: bool):
-    """Forward and backward ms of one component (and its head) on input h; returns its output."""
-    inp = h.detach().requires_grad_(needs_input_grad)
-    _sync(inp)
-    start = time.perf_counter()
-    out = component(inp)
-    head = getattr(component, "head", None)
-    outputs = [out] if head is None else [out, head(out)]
-    _sync(inp)
-    middle = time.perf_counter()
-    params = [p for p in component.parameters() if p.requires_grad]
-    inputs = params + ([inp] if needs_input_grad else [])
-    # autograd.grad, not backward: nothing accumulates into .grad and DDP's hooks stay quiet.
-    torch.autograd.grad(sum(o.sum() for o in outputs), inputs, allow_unused=True)
-    _sync(inp)
-    end = time.perf_counter()
-    return 1000.0 * (middle - start), 1000.0 * (end - middle), out.detach()
-
-
-def _sync(tensor: torch.Tensor) -> None:
-    if tensor.is_cuda:
-        torch.cuda.synchronize(tensor.device)
+        # A checkpoint from before re-measurement holds one first-batch timing, and no basis.
+        samples = state.get("samples")
+        if samples is None:
+            fwd, bwd = state.get("fwd_ms", []), state.get("bwd_ms", [])
+            samples = [[fwd, bwd]] if fwd else []
+        if state.get("basis", "measured") != self.basis:  # another cost model: measure afresh
+            samples = []
+        self.samples = [(list(f), list(b)) for f, b in samples]
+        self.out_bytes = list(state.get("out_bytes", [])) if self.samples else []
+        self.measured_at = int(state.get("measured_at", 0)) if self.samples else -1
+        self.fwd_ms, self.bwd_ms = [], []
+        if self.samples:
+            self._combine()
 
 
 def slowdowns_from_config(cfg) -> list[float]:

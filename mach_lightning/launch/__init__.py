@@ -4,6 +4,8 @@
 - `sweep`: a sweep file expanded into jobs (grid x random x seeds, plus sync baselines).
 - `task`: `TrainTask`, the requeueable callable each job runs (`run_fit` with a fixed run dir).
 - `submit`: validate every job, then submit them all as one job array (or run them locally).
+- `preflight`: what the jobs need besides their config (data files, run root, resumed runs),
+  checked before anything is submitted.
 - `status`: each job's state from the run directories and `squeue` (no accounting needed).
 
 The command line is `sweeps/launch.py`.

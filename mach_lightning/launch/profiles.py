@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-REPO = Path(__file__).resolve().parents[2]
-PROFILE_DIR = REPO / "slurm"
+from mach_lightning.resources import PROFILES, data_dir, packaged
+from mach_lightning.yamlfile import load_yaml
+
+# The profiles shipped in the package (a checkout's package folder links to its slurm/).
+PROFILE_DIR = data_dir(PROFILES).resolve()
 EXECUTORS = ("slurm", "local")
 
 
@@ -97,31 +100,62 @@ def _mem(gb: float) -> str:
 LOCAL = ClusterProfile(name="local", executor="local")
 
 
+def _profile_files() -> dict[str, Path]:
+    """The profiles in slurm/ by name (in a checkout: the repository's slurm/, users' own too)."""
+    return {p.stem: p for p in sorted(PROFILE_DIR.glob("*.yaml"))}
+
+
 def available_profiles() -> list[str]:
-    return ["local"] + sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    return ["local", *_profile_files()]
+
+
+def _resolve(spec: str | Path) -> Path:
+    """A profile path as given, else slurm/NAME.yaml in the package, else a profile's name."""
+    path = Path(spec)
+    candidates = [
+        path,
+        packaged(PROFILES, path, bare=not Path(PROFILES).is_dir()),
+        _profile_files().get(str(spec)),
+    ]
+    return next((c for c in candidates if c is not None and c.is_file()), path)
+
+
+def _not_found(spec: str | Path) -> ProfileError:
+    """Suggest the nearest profile in the form it was asked for: a name, or a path in slurm/."""
+    as_path = "/" in str(spec) or str(spec).endswith((".yaml", ".yml"))
+    # slurm/NAME.yaml: _resolve finds such paths from any working directory.
+    files = {stem: f"{PROFILES}/{p.name}" for stem, p in _profile_files().items()}
+    names = list(files) if as_path else available_profiles()
+    close = difflib.get_close_matches(Path(spec).stem if as_path else str(spec), names, n=1)
+    hint = f" Did you mean {files[close[0]] if as_path else close[0]}?" if close else ""
+    example = next((n for n in files if n != "local"), "NAME")
+    return ProfileError(
+        f"Cluster profile '{spec}' not found.{hint} Available profiles: "
+        f"{', '.join(files.values())} (or by name, e.g. --cluster {example}), and `local`: "
+        "this machine without Slurm."
+    )
 
 
 def load_profile(spec: str | Path) -> ClusterProfile:
     """`local`, a profile name in slurm/ (e.g. `example-4x8gpu`) or a path to a profile YAML."""
     if str(spec) == "local":
         return ClusterProfile(**vars(LOCAL))
-    path = Path(spec)
-    if not path.is_file() and (PROFILE_DIR / f"{spec}.yaml").is_file():
-        path = PROFILE_DIR / f"{spec}.yaml"
+    path = _resolve(spec)
     if not path.is_file():
-        close = difflib.get_close_matches(str(spec), available_profiles(), n=1)
-        hint = f" Did you mean {close[0]}?" if close else ""
-        raise ProfileError(
-            f"Cluster profile '{spec}' not found.{hint} Give a YAML path or one of: "
-            f"{', '.join(available_profiles())} (`local` runs on this machine without Slurm)."
-        )
+        raise _not_found(spec)
     return _parse(path)
 
 
 def _parse(path: Path) -> ClusterProfile:
     schema = OmegaConf.structured(ClusterProfile(name=path.stem))
+    raw = load_yaml(path, ProfileError, "Cluster profile")
+    if not isinstance(raw, DictConfig):
+        raise ProfileError(
+            f"Cluster profile '{path}' must hold a mapping of settings (partition: gpu, "
+            "nodes: 1, ...), not a list."
+        )
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(path))
+        merged = OmegaConf.merge(schema, raw)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "?"
         known = ", ".join(sorted(ClusterProfile.__dataclass_fields__))

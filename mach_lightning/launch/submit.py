@@ -9,6 +9,7 @@ submission is recorded in `<run_dir>/launch.json`, which `status` reads.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -17,8 +18,16 @@ from pathlib import Path
 import submitit
 from omegaconf import OmegaConf
 
+from mach_lightning.launch import preflight
 from mach_lightning.launch.profiles import ClusterProfile
-from mach_lightning.launch.status import LAUNCH, job_state, squeue_states
+from mach_lightning.launch.status import (
+    LAUNCH,
+    UNKNOWN,
+    UNREADABLE,
+    job_state,
+    read_launch,
+    squeue_states,
+)
 from mach_lightning.launch.sweep import Job, SweepError, format_value
 from mach_lightning.launch.task import TrainTask
 
@@ -27,7 +36,7 @@ COMPARE_IGNORE = ("name", "run", "logger", "resume", "ckpt_path")
 
 def load_registries() -> None:
     """Import what a run imports, so topology and dataset names validate as they will in the job."""
-    import mach_lightning.fit  # noqa: F401
+    import mach_lightning.training  # noqa: F401
 
 
 def _load(job: Job, index: int, total: int, label: str):
@@ -52,6 +61,8 @@ def _placement(job: Job, profile: ClusterProfile) -> None:
 def _logging(job: Job, cfg) -> None:
     root = Path(cfg.run.root).resolve()
     job.overrides.append(f"run.root={root}")
+    # The folder the preflight checked, whatever the job's working directory on the cluster.
+    job.overrides.append(f"data.root={preflight.data_root(cfg)}")
     if job.group:
         job.overrides.append(f"logger.wandb.group={job.group}")
     job.overrides.append(f"logger.wandb.job_type={cfg.topology.name}")
@@ -68,11 +79,13 @@ def _comparable(cfg) -> str:
     return json.dumps({k: v for k, v in data.items() if k not in COMPARE_IGNORE}, sort_keys=True)
 
 
-def prepare(jobs: list[Job], profile: ClusterProfile, label: str) -> list[Job]:
+def prepare(jobs: list[Job], profile: ClusterProfile, label: str, check: bool = True) -> list[Job]:
     """Validate every job (raising SweepError before anything is submitted), fix its run directory
-    and W&B fields, and drop baselines identical to a job of the sweep."""
+    and W&B fields, and drop baselines identical to a job of the sweep. `check`: also check what
+    the jobs need besides their config (data files, run root, resumed runs: see preflight.py);
+    --status, which submits nothing, leaves it out."""
     load_registries()
-    kept, seen = [], {}
+    kept, seen, pairs = [], {}, []
     for index, job in enumerate(jobs):
         _placement(job, profile)
         cfg = _load(job, index, len(jobs), label)
@@ -82,6 +95,7 @@ def prepare(jobs: list[Job], profile: ClusterProfile, label: str) -> list[Job]:
             continue  # the sweep already has this sync run
         seen.setdefault(comparable, job)
         kept.append(job)
+        pairs.append((job, cfg))
     keys = [j.key for j in kept]
     duplicates = sorted({k for k in keys if keys.count(k) > 1})
     if duplicates:
@@ -89,21 +103,35 @@ def prepare(jobs: list[Job], profile: ClusterProfile, label: str) -> list[Job]:
             f"{label}: several jobs share the run id(s) {', '.join(duplicates)}; "
             "give the axes distinct values. Nothing was submitted."
         )
+    if check:
+        preflight.check(pairs, label)
     return kept
 
 
 def plan(jobs: list[Job], queue: dict | None = None) -> list[tuple[Job, str]]:
-    """(job, what to do): 'submit', or 'skip: finished' / 'skip: <state>' for live jobs."""
+    """(job, what to do): 'submit' for missing, failed or lost runs; 'skip: ...' for the rest.
+    A job whose state is unknown (squeue did not answer) or whose files cannot be read is never
+    resubmitted: it may still be running, and a second copy would write into its directory."""
     queue = squeue_states() if queue is None else queue
     out = []
     for job in jobs:
-        state, job_id, _ = job_state(job.run_dir, queue)
+        state, job_id, detail = job_state(job.run_dir, queue)
         if state == "FINISHED":
             out.append((job, "skip: finished"))
         elif state in ("MISSING", "FAILED", "LOST"):
             out.append((job, "submit" if state == "MISSING" else f"submit (was {state.lower()})"))
+        elif state == UNKNOWN:
+            out.append((job, f"skip: state unknown as {job_id}"))
+        elif state == UNREADABLE:
+            out.append((job, "skip: unreadable"))
+            print(
+                f"warning: {job.key}: {detail}; not resubmitted (fix or remove it)", file=sys.stderr
+            )
         else:
             out.append((job, f"skip: {state.lower()} as {job_id}"))
+    unknown = sum(action.startswith("skip: state unknown") for _, action in out)
+    if unknown:
+        print(f"warning: {queue.error}; {unknown} job(s) not resubmitted", file=sys.stderr)
     return out
 
 
@@ -146,7 +174,7 @@ def _record(job: Job, sjob, profile: ClusterProfile, folder: Path) -> None:
             link = run_dir / "logs" / src.name
             if not link.is_symlink():
                 link.symlink_to(src)
-    record = json.loads((run_dir / LAUNCH).read_text()) if (run_dir / LAUNCH).is_file() else {}
+    record = read_launch(run_dir)
     record.update(key=job.key, config=job.config, overrides=job.overrides)
     record.setdefault("submissions", []).append(
         {
@@ -159,7 +187,9 @@ def _record(job: Job, sjob, profile: ClusterProfile, folder: Path) -> None:
             "stderr": [str(p.stderr) for p in paths],
         }
     )
-    (run_dir / LAUNCH).write_text(json.dumps(record, indent=2) + "\n")
+    tmp = run_dir / f".{LAUNCH}.tmp"  # replaced whole: status never reads half a file
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, run_dir / LAUNCH)
 
 
 def submit(jobs: list[Job], profile: ClusterProfile, job_name: str) -> list:

@@ -12,29 +12,28 @@
 A baseline job keeps the seed and the axes whose keys start with `keep` (default data., model.,
 optim., trainer.), drops the others, and applies the baseline overrides (`sync` means
 topology.name=sync). Validation (`mach_lightning.launch.submit.prepare`) drops a baseline whose
-resolved config is already one of the sweep's jobs.
+resolved config is already one of the sweep's jobs. Reading and checking the file:
+`mach_lightning.launch.sweep_spec`.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import random
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import ListConfig
 
-SWEEP_KEYS = {"name", "description", "config", "overrides", "grid", "random", "seeds", "baseline"}
-KEEP_DEFAULT = ["data.", "model.", "optim.", "trainer."]
-RANDOM_KINDS = ("uniform", "log_uniform", "int", "choice")
-
-
-class SweepError(ValueError):
-    """A sweep problem, naming the sweep file or the job and the key; nothing was submitted."""
+# SweepError is re-exported: the command line and submit.py catch it from here.
+from mach_lightning.launch.sweep_spec import (  # noqa: F401
+    SweepError,
+    grid_points,
+    random_points,
+    read_sweep,
+)
 
 
 @dataclass
@@ -86,115 +85,16 @@ def job_key(values: dict[str, Any], names: dict[str, str], seed: int, prefix: st
     return prefix + "__".join(parts)
 
 
-def _choices(key: str, source: str) -> list[Any]:
-    from mach_lightning.config import CHOICES
-    from mach_lightning.launch.submit import load_registries
-
-    load_registries()  # topologies and datasets register their names on import
-
-    if key not in CHOICES:
-        raise SweepError(
-            f"{source}: grid axis {key}: '*' only works for keys with a fixed choice "
-            f"list ({', '.join(sorted(CHOICES))})."
-        )
-    return list(CHOICES[key]())
-
-
-def grid_points(grid: Any, source: str) -> list[dict[str, Any]]:
-    """Every combination of the axes; a list of grids gives the union of their combinations."""
-    if isinstance(grid, (list, ListConfig)):
-        return [p for part in grid for p in grid_points(part, source)]
-    if not isinstance(grid, dict):
-        raise SweepError(
-            f"{source}: grid must map keys to value lists (or be a list of such maps)."
-        )
-    axes = {}
-    for key, values in grid.items():
-        values = _choices(key, source) if values == "*" else values
-        if not isinstance(values, (list, ListConfig)) or not values:
-            raise SweepError(
-                f"{source}: grid axis '{key}' needs a non-empty list of values or '*'."
-            )
-        axes[key] = list(values)
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
-
-
-def _draw(rng: random.Random, key: str, spec: Any, source: str) -> Any:
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in RANDOM_KINDS:
-        raise SweepError(
-            f"{source}: random axis '{key}' must be one of "
-            f"{{{' | '.join(f'{k}: ...' for k in RANDOM_KINDS)}}}, got {spec}."
-        )
-    kind, args = next(iter(spec.items()))
-    if kind == "choice":
-        return rng.choice(list(args))
-    lo, hi = args
-    if kind == "uniform":
-        return rng.uniform(lo, hi)
-    if kind == "int":
-        return rng.randint(int(lo), int(hi))
-    return math.exp(rng.uniform(math.log(lo), math.log(hi)))
-
-
-def random_points(spec: dict | None, source: str) -> list[dict[str, Any]]:
-    if not spec:
-        return [{}]
-    unknown = set(spec) - {"samples", "seed", "axes"}
-    if unknown or not spec.get("axes"):
-        raise SweepError(
-            f"{source}: random needs {{samples: N, seed: S, axes: {{key: spec}}}}; "
-            f"unknown keys: {', '.join(sorted(unknown)) or 'none'}."
-        )
-    rng = random.Random(spec.get("seed", 0))
-    return [
-        {k: _draw(rng, k, s, source) for k, s in spec["axes"].items()}
-        for _ in range(int(spec.get("samples", 1)))
-    ]
-
-
-def _baseline_spec(raw: Any, source: str) -> dict | None:
-    if raw in (None, False, "none"):
-        return None
-    if isinstance(raw, str):
-        return {"config": None, "overrides": [f"topology.name={raw}"], "keep": KEEP_DEFAULT}
-    if not isinstance(raw, dict) or set(raw) - {"config", "overrides", "keep"}:
-        raise SweepError(
-            f"{source}: baseline must be a topology name (e.g. sync) or "
-            f"{{config: ..., overrides: [...], keep: [prefixes]}}."
-        )
-    return {
-        "config": raw.get("config"),
-        "overrides": list(raw.get("overrides") or []),
-        "keep": list(raw.get("keep") or KEEP_DEFAULT),
-    }
-
-
-def read_sweep(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SweepError(f"Sweep file '{path}' does not exist (sweeps/*.yaml are examples).")
-    raw = OmegaConf.load(path)
-    if not isinstance(raw, DictConfig):
-        raise SweepError(f"Sweep file '{path}' must hold a mapping (name, config, grid, seeds...).")
-    spec = OmegaConf.to_container(raw, resolve=True)
-    unknown = set(spec) - SWEEP_KEYS
-    if unknown:
-        raise SweepError(
-            f"Sweep file '{path}': unknown key(s) {', '.join(sorted(unknown))}. "
-            f"Valid keys: {', '.join(sorted(SWEEP_KEYS))}."
-        )
-    spec.setdefault("name", path.stem)
-    spec["seeds"] = [int(s) for s in spec.get("seeds") or [0]]
-    spec["baseline"] = _baseline_spec(spec.get("baseline", "sync"), str(path))
-    return spec
-
-
 def _abs(config: str | None, base: Path) -> str | None:
     if not config:
         return None
     path = Path(config)
     if not path.is_absolute() and not path.exists() and (base / path).exists():
         path = base / path  # relative to the sweep file's repository
+    elif not path.exists():
+        from mach_lightning.config import locate_config
+
+        path = locate_config(path)  # configs/NAME.yaml shipped with the package (a wheel)
     return str(path.resolve())
 
 
@@ -208,11 +108,8 @@ def expand_sweep(
     config = _abs(spec.get("config"), repo)
     fixed = [str(o) for o in spec.get("overrides") or []]
     extra = list(cluster) + list(extra)
-    points = [
-        {**g, **r}
-        for g in grid_points(spec.get("grid") or {}, source)
-        for r in random_points(spec.get("random"), source)
-    ]
+    samples = random_points(spec.get("random"), source)  # seeded: the same draws every time
+    points = [{**g, **r} for g in grid_points(spec.get("grid") or {}, source) for r in samples]
     names = short_names(list(dict.fromkeys(k for p in points for k in p)))
     jobs, baselines = [], {}
     for index, (point, seed) in enumerate(itertools.product(points, spec["seeds"])):

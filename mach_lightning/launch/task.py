@@ -10,20 +10,30 @@ job key) and `resume=true`, so any restart of the job, whether requeued by submi
 own preemption or node-failure requeue, or relaunched by hand, continues from its `last.ckpt`.
 
 Each rank appends one JSON line per event to `<run_dir>/events.jsonl` (start with the checkpoint
-step it resumes from, requeue, end with the world size, error) and a failure leaves its traceback
-in `<run_dir>/error.txt`: `sweeps/launch.py --status` reads both.
+step it resumes from, requeue, end with the world size, error, preempted) and a failure leaves its
+traceback in `<run_dir>/error.txt`: `sweeps/launch.py --status` reads both.
+
+A requeue is not a failure, although it ends the attempt with an exception: rank 0 leaves by
+submitit's SystemExit, and under DDP the other ranks by Slurm's SIGTERM or by the next collective,
+whose peer is gone ("Connection closed by peer"). So an attempt that stops after a `requeue`
+event (rank 0 writes it in `checkpoint()`, before submitit requeues and exits) records nothing
+more; one stopped by a signal without a requeue (Slurm's own preemption, scancel) records a
+`preempted` event; only the rest is an `error`, with error.txt.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
+from submitit.core.utils import UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 EVENTS = "events.jsonl"
@@ -69,7 +79,64 @@ def read_events(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / EVENTS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill mid-write: the others still count
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+_received: dict[str, float] = {}  # signal name -> when this process first received it
+
+
+def _preempt_signal() -> int:
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")  # submitit's own setting
+    return getattr(signal, f"SIG{name}", signal.SIGUSR2)
+
+
+def watch_signals() -> None:
+    """Note the preemption signal and SIGTERM when they arrive, then run the handler already
+    installed (submitit's). Only installed handlers are wrapped, never a default action, so
+    outside submitit a SIGTERM still ends the process."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    for signum in {_preempt_signal(), signal.SIGTERM}:
+        previous = signal.getsignal(signum)
+        if callable(previous) and not getattr(previous, "notes_signal", False):
+            signal.signal(signum, _noting(previous))
+
+
+def _noting(previous):
+    def handler(signum, frame):
+        _received.setdefault(signal.Signals(signum).name, time.time())
+        previous(signum, frame)
+
+    handler.notes_signal = True
+    return handler
+
+
+def stop_cause(run_dir: Path, error: BaseException, since: float) -> str | None:
+    """Why the attempt started at `since` ended with `error`, when it is not a failure of its
+    own: 'requeue' (a rank logged `requeue` since), a signal's name (Slurm stopped the job), or
+    None: a failure. Under DDP, Lightning's SIGTERM handler can raise before the handler that
+    notes the signal runs; the requeue event covers those ranks."""
+    if isinstance(error, UncompletedJobError):
+        return None  # submitit would not requeue (timed out too often): the job is over
+    events = read_events(run_dir)
+    if any(e.get("event") == "requeue" and e.get("time", 0) >= since for e in events):
+        return "requeue"
+    if _received:
+        return min(_received, key=_received.get)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    # 143 = 128 + SIGTERM: how run_fit's own SIGTERM stop exits
+    if isinstance(error, SIGTERMException) or (isinstance(error, SystemExit) and error.code == 143):
+        return "SIGTERM"
+    return None
 
 
 def _checkpoint_step(run_dir: Path) -> int | None:
@@ -77,10 +144,12 @@ def _checkpoint_step(run_dir: Path) -> int | None:
     path = run_dir / "checkpoints" / "last.ckpt"
     if rank() != 0 or not path.is_file():
         return None
-    import torch
+    from mach_lightning.checkpoint_io import CheckpointError, load_checkpoint
 
-    # mmap: the tensors stay on disk, only the small bookkeeping is read
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:  # mmap: the tensors stay on disk, only the small bookkeeping is read
+        state = load_checkpoint(path, mmap=True)
+    except CheckpointError:  # run_fit refuses the same file next, inside the try that logs errors
+        return None
     return int(state.get("topology_state", {}).get("batch_step", state.get("global_step", 0)))
 
 
@@ -96,6 +165,20 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def record_stop(run_dir: Path, error: BaseException, since: float) -> str | None:
+    """An error leaves error.txt and an `error` event; a requeue nothing more than the
+    `requeue` event checkpoint() wrote; another signal a `preempted` event. Returns the
+    stop's cause (see stop_cause), or None: an error, or an exit that is neither."""
+    cause = stop_cause(run_dir, error, since)
+    if cause and cause != "requeue":
+        log_event(run_dir, "preempted", signal=cause, slurm=slurm_info())
+    if cause or not isinstance(error, Exception):
+        return cause  # (else: sys.exit or Ctrl-C inside the task, not a failure of the run)
+    text = "".join(traceback.format_exception(error))
+    (run_dir / ERROR).write_text(f"rank {rank()} ({socket.gethostname()}):\n" + text)
+    log_event(run_dir, "error", error=text.strip().splitlines()[-1])
 
 
 class TrainTask(Checkpointable):
@@ -124,16 +207,20 @@ class TrainTask(Checkpointable):
         from mach_lightning.fit import run_fit
 
         run_dir = Path(self.run_dir)
-        info = slurm_info()
-        log_event(run_dir, "start", resume_step=_checkpoint_step(run_dir), slurm=info)
+        since = time.time()
+        _received.clear()
+        watch_signals()
+        log_event(run_dir, "start", resume_step=_checkpoint_step(run_dir), slurm=slurm_info())
         try:
             cfg = load_config(self.config, self.overrides + self.job_overrides())
             result = run_fit(cfg)
-        except Exception:
-            (run_dir / ERROR).write_text(
-                f"rank {rank()} ({socket.gethostname()}):\n" + traceback.format_exc()
-            )
-            log_event(run_dir, "error", error=traceback.format_exc().strip().splitlines()[-1])
+        except BaseException as error:
+            cause = record_stop(run_dir, error, since)
+            if cause and isinstance(error, Exception):
+                # A consequence of the stop (a peer gone), not a failure: leave as submitit's
+                # requeue exit does, without a traceback in the job's log or an error result.
+                code = -1 if cause == "requeue" else 128 + signal.Signals[cause]
+                raise SystemExit(code) from error
             raise
         log_event(run_dir, "end", world_size=_world_size(), metrics=result.get("metrics", {}))
         if rank() == 0 and (run_dir / ERROR).is_file():

@@ -1,13 +1,16 @@
 """Group runs into tables and rows, pair each with its synchronous baseline, list the problems.
 
 - Table: runs with the same data and model settings (`data.*`, `model.*`, minus where the files
-  live). Row: one topology and one setting: the settings that vary among that topology's runs in
-  the table (e.g. staleness.schedule, staleness.k, optim.lr), seeds pooled.
+  live and what their backbone does not read). Row: one topology and one setting: the settings
+  that vary among that topology's runs in the table and that it reads (e.g. staleness.schedule,
+  staleness.k, optim.lr), seeds pooled.
 - Baseline of a run: the finished `sync` run of the same table (same data and model) and the same
-  seed; among several, the one agreeing on most `optim.*` / `trainer.*` settings.
+  seed that agrees on the training budget and every other setting but the topology's own and the
+  tuning keys (`keys.py`); among several, the one agreeing on most tuning keys.
 - Never averaged in, listed under problems instead: runs without result.json (running, queued,
-  failed, killed), diverged runs (a non-finite loss), runs whose baseline is missing or has other
-  data/model settings (their accuracy still shows, without a difference), and repeated seeds.
+  failed, killed), diverged runs (a non-finite loss), runs whose baseline is missing or differs
+  (their accuracy still shows, without a difference, the row saying why), repeated seeds, and
+  unreadable runs (a config.yaml, result.json or metrics.csv that cannot be parsed).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from mach_lightning.report.keys import applies
 from mach_lightning.report.load import Run
 from mach_lightning.report.pairing import pair_row, summarize_row
 from mach_lightning.report.rows import (
@@ -24,7 +28,6 @@ from mach_lightning.report.rows import (
     Row,
     Table,
     classify,
-    ignored,
     table_signature,
 )
 
@@ -35,28 +38,16 @@ def _short(key: str) -> str:
     return key.split(".", 1)[1] if key.startswith(("staleness.", "topology.")) else key
 
 
-# Staleness settings read by one schedule only (configs/default.yaml): left out of row labels
-# under the other schedules, e.g. "delayed, schedule=pipeline" rather than "..., k=1".
-SCHEDULE_KEYS = {
-    "staleness.k": ("constant",),
-    "staleness.delays": ("list",),
-    "staleness.cap": ("uniform", "geometric"),
-    "staleness.p": ("geometric",),
-    "staleness.straggler_component": ("straggler",),
-    "staleness.straggler_factor": ("straggler",),
-}
-
-
-def _relevant(key: str, config: dict[str, Any]) -> bool:
-    schedules = SCHEDULE_KEYS.get(key)
-    return schedules is None or config.get("staleness.schedule") in schedules
+def _value(run: Run, key: str) -> str:
+    """The setting as rows tell it apart; one the run does not read is no value at all."""
+    return repr(run.config.get(key)) if applies(key, run.config) else "(not read)"
 
 
 def _varying(runs: list[Run]) -> list[str]:
     """Settings that differ among these runs; the schedule first (it decides what the rest mean)."""
-    names = {k for r in runs for k in r.config if not ignored(k)} - {"topology.name"}
+    names = {k for r in runs for k in r.config if applies(k, r.config)} - {"topology.name"}
     keys = sorted(names, key=lambda k: (k != "staleness.schedule", k))
-    return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+    return [k for k in keys if len({_value(r, k) for r in runs}) > 1]
 
 
 def _title(signature: dict[str, Any], others: list[dict[str, Any]]) -> str:
@@ -65,7 +56,7 @@ def _title(signature: dict[str, Any], others: list[dict[str, Any]]) -> str:
         f"K={signature.get('model.num_components', '?')}"
     )
     differing = sorted(
-        {k for o in others for k in signature if o.get(k) != signature.get(k)}
+        {k for o in others for k in signature if k in o and o[k] != signature[k]}
         - {"data.name", "model.backbone", "model.num_components"}
     )
     return base + "".join(f", {k.split('.', 1)[1]}={signature[k]}" for k in differing)
@@ -88,10 +79,10 @@ def build_rows(runs: list[Run], problems: list[Problem]) -> list[Row]:
         keys = _varying(members)
         groups: dict[tuple, list[Run]] = defaultdict(list)
         for run in members:
-            groups[tuple(repr(run.config.get(k)) for k in keys)].append(run)
+            groups[tuple(_value(run, k) for k in keys)].append(run)
         for group in sorted(groups.values(), key=lambda g: _order(g[0], keys)):
             setting = {k: group[0].config.get(k) for k in keys}
-            shown = {k: v for k, v in setting.items() if _relevant(k, group[0].config)}
+            shown = {k: v for k, v in setting.items() if applies(k, group[0].config)}
             label = topology + "".join(f", {_short(k)}={v}" for k, v in shown.items())
             rows.append(_fill_row(Row(label, topology, setting), group, problems))
     return rows
@@ -124,14 +115,16 @@ def _fill_row(row: Row, group: list[Run], problems: list[Problem]) -> Row:
 
 
 KIND_ORDER = [
+    "unreadable",
     "missing baseline",
     "baseline mismatch",
     "baseline unusable",
+    "baseline differs",
     "in progress",
+    "state unknown",
     "failed",
     "diverged",
     "repeated seed",
-    "baseline differs",
 ]
 
 
@@ -144,9 +137,9 @@ def compare(
     for run in runs:
         if run.config:
             groups[table_signature(run)].append(run)
-        else:  # submitted, never started: no config to place it in a table
+        else:  # never started, or config.yaml unreadable: no settings to place it in a table
             problems.append(classify(run) or Problem("in progress", run.source, "?", ""))
-            problems[-1].label = "(not started)"
+            problems[-1].label = "(no config)" if run.state == "unreadable" else "(not started)"
     signatures = [dict(sig) for sig in groups]
     tables = []
     for sig, members in groups.items():

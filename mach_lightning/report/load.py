@@ -5,12 +5,14 @@ A run directory is any folder holding `config.yaml` (or, not started yet, the la
 `find_runs` resolves the command line: run directories, folders holding them (searched
 recursively), a sweep file (`sweeps/staleness.yaml`: its `name`) or a sweep name (`staleness`),
 which is `<run root>/<name>/`, where `sweeps/launch.py` puts a sweep's runs.
+
+A run directory whose config.yaml, result.json or metrics.csv cannot be parsed (cut short, empty,
+not a mapping) is not read further: it becomes an `unreadable` run, naming the file and what is
+wrong, which the report lists under Problems, so one broken run never stops the whole report.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,17 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mach_lightning import runs
+from mach_lightning.report.files import (
+    Unreadable,
+    read_config,
+    read_metrics_csv,
+    read_result,
+    read_status,
+)
 
 SKIP_DIRS = {"wandb", ".submitit", "checkpoints", "logs"}
-FINISHED = "finished"
+FINISHED, DIVERGED = "finished", "diverged"
+UNREADABLE = "unreadable"
 
 
 class ReportError(ValueError):
@@ -36,7 +46,7 @@ class Run:
     config: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     result: dict[str, float] | None = None  # None: no result.json (running or crashed)
-    state: str = FINISHED  # finished | running | pending | failed | crashed | lost | unfinished
+    state: str = FINISHED  # finished | diverged | running | pending | failed | unreadable | ...
     detail: str = ""  # why an unfinished run is unfinished, when known
     wandb_id: str | None = None  # the W&B run id, when the run logged to W&B
     mtime: float = 0.0
@@ -78,42 +88,11 @@ class Run:
         return sorted(bad)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'model': {'width': 8}} -> {'model.width': 8}; lists become tuples (hashable, comparable)."""
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    if isinstance(tree, (list, tuple)):
-        return {prefix[:-1]: tuple(tree)}
-    return {prefix[:-1]: tree}
-
-
 def wandb_run_id(config: dict[str, Any], run_dir: Path) -> str | None:
     """The W&B id `runs.make_wandb_logger` gives this run; None when W&B was off."""
     if not config.get("logger.wandb.enabled", False):
         return None
     return runs.wandb_run_id(str(config.get("name")), run_dir)
-
-
-def read_metrics_csv(path: Path) -> list[dict[str, float]]:
-    """Lightning's sparse CSV: each row keeps only the columns it logged, as floats."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as file:
-        rows = list(csv.DictReader(file))
-    out = []
-    for row in rows:
-        parsed = {}
-        for key, value in row.items():
-            if key and value not in ("", None):
-                try:
-                    parsed[key] = float(value)
-                except ValueError:
-                    continue
-        out.append(parsed)
-    return out
 
 
 def shown(run_dir: Path) -> str:
@@ -125,28 +104,49 @@ def shown(run_dir: Path) -> str:
 
 
 def load_run_dir(run_dir: Path, launch_state=None) -> Run:
-    """Read one run directory; `launch_state(run_dir) -> (state, detail)` for unfinished runs."""
+    """Read one run directory; `launch_state(run_dir) -> (state, detail)` for unfinished runs.
+    A file that cannot be parsed makes the run `unreadable`, its detail naming file and fault."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():  # submitted by the launcher, not started yet
         state, detail = (launch_state or _unfinished)(run_dir)
         return Run(source=shown(run_dir), config={}, state=state, detail=detail)
-    config = flatten(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
-    result_path = run_dir / "result.json"
-    result, state, detail = None, FINISHED, ""
-    if result_path.is_file():
-        result = {k: float(v) for k, v in json.loads(result_path.read_text()).items()}
-    else:
+    try:
+        config = read_config(run_dir / "config.yaml")
+    except Unreadable as err:
+        detail = _no_config(err, run_dir)
+        return Run(source=shown(run_dir), config={}, state=UNREADABLE, detail=detail)
+    try:
+        result = read_result(run_dir / "result.json")
+        history = read_metrics_csv(run_dir / "metrics.csv")
+    except Unreadable as err:  # settings readable: listed under its row, as excluded
+        return Run(source=shown(run_dir), config=config, state=UNREADABLE, detail=str(err))
+    state, detail = FINISHED, ""
+    if result is None:
         state, detail = (launch_state or _unfinished)(run_dir)
+    elif (status := read_status(run_dir / "result.json"))[0] == DIVERGED:
+        state, detail = DIVERGED, status[1] or "stopped as diverged"
     files = [p for p in (run_dir / "metrics.csv", run_dir / "config.yaml") if p.is_file()]
     return Run(
         source=shown(run_dir),
         config=config,
-        history=read_metrics_csv(run_dir / "metrics.csv"),
+        history=history,
         result=result,
         state=state,
         detail=detail,
         wandb_id=wandb_run_id(config, run_dir),
         mtime=max(p.stat().st_mtime for p in files),
+    )
+
+
+def _no_config(err: Unreadable, run_dir: Path) -> str:
+    try:
+        finished = read_result(run_dir / "result.json") is not None
+    except Unreadable as also:
+        return f"{err}; {also}"
+    return (
+        f"{err}; the run finished (valid result.json), its settings are unknown"
+        if finished
+        else str(err)
     )
 
 

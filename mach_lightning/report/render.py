@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import posixpath
 from datetime import datetime
 
 from mach_lightning.report.compare import Comparison, Problem, Row, Table
@@ -11,12 +12,15 @@ from mach_lightning.report.stats import PairedDiff, Summary
 
 DASH = "—"
 MARK = "◆"
+PAIRING = "vs sync"
 LEGEND = (
     f"Accuracy in %: mean ± sample std over seeds. Δ: run − matched `sync` baseline, paired "
     f"by seed, in percentage points, with a 95% Student-t interval; {MARK} marks an interval "
     "that excludes zero. Steps and simulated parallel time to target: mean ± std over the "
     "seeds that reached it (reached/seeds when not all did). Wall ms/step: measured "
-    "training step; sim. ms/step: simulated parallel step (one component per device)."
+    "training step; sim. ms/step: simulated parallel step (one component per device). "
+    f"{PAIRING}: tuning settings in which the run differs from its baseline, or why it has no Δ "
+    "(a baseline must share the training budget and every other setting but the topology's own)."
 )
 
 
@@ -98,13 +102,28 @@ def _seed_note(row: Row) -> str:
     return f" ({', '.join(notes)})" if notes else ""
 
 
+def pairing_note(row: Row) -> str:
+    """'lr 5e-4 (sync 1e-3)', or 'no Δ: baseline differs in trainer.max_epochs (20 vs 4)'."""
+    if row.is_baseline:
+        return DASH
+    parts = list(row.tuned)
+    for reason, seeds in row.unpaired.items():
+        if len(seeds) == len(row.runs):
+            parts.append(f"no Δ: {reason}")
+        else:
+            which = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))}"
+            parts.append(f"no Δ for {which}: {reason}")
+    return "; ".join(parts) or DASH
+
+
 def table_cells(table: Table) -> tuple[list[str], list[list[str]], list[bool]]:
     """(header, rows of strings, marked rows); columns empty in every row are left out."""
-    header = ["topology, setting", "seeds"] + [title for _, title, _ in COLUMNS]
+    header = ["topology, setting", "seeds", PAIRING] + [title for _, title, _ in COLUMNS]
     rows = []
     for row in table.rows:
         seeds = str(len(row.runs)) + _seed_note(row)
-        rows.append([row.label, seeds] + [cell(row, key, kind) for key, _, kind in COLUMNS])
+        cells = [cell(row, key, kind) for key, _, kind in COLUMNS]
+        rows.append([row.label, seeds, pairing_note(row)] + cells)
     targets = {round(r.target, 6) for r in table.rows if r.target is not None}
     if len(targets) > 1:
         header.append("target val acc %")
@@ -147,11 +166,41 @@ def problem_groups(problems: list[Problem]) -> list[tuple[str, list[Problem]]]:
     return [(k, [p for p in problems if p.kind == k]) for k in kinds]
 
 
+def compact_runs(runs: list[str]) -> str:
+    """'3 runs: runs/sw/{a, b, c}': the shared folder written once."""
+    try:
+        common = posixpath.commonpath([posixpath.dirname(r) for r in runs])
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    if common:
+        names = ", ".join(posixpath.relpath(r, common) for r in runs)
+        return f"{len(runs)} runs: {common}/{{{names}}}"
+    return f"{len(runs)} runs: {', '.join(runs)}"
+
+
+PROBLEM_HEADER = ["run", "row", "detail"]
+
+
+def problem_rows(items: list[Problem]) -> list[list[str]]:
+    """[run, row, detail] per distinct detail: identical failures (a sweep's jobs killed by the
+    same fault) are one line with their count and runs, not one line each."""
+    by_detail: dict[str, list[Problem]] = {}
+    for problem in items:
+        by_detail.setdefault(problem.detail, []).append(problem)
+    rows = []
+    for detail, same in by_detail.items():
+        labels = ", ".join(dict.fromkeys(p.label for p in same))
+        runs = same[0].run if len(same) == 1 else compact_runs([p.run for p in same])
+        rows.append([runs, labels, detail])
+    return rows
+
+
 PROBLEM_NOTE = (
-    "Runs in progress, failed, diverged or repeated are kept out of every mean and difference "
-    "above. Runs without a usable baseline keep their own accuracy in their row (counted as "
-    "unpaired under seeds) but are left out of the difference. Runs whose baseline differs in "
-    "optim/trainer settings are paired anyway: read the detail."
+    "Runs in progress, failed, unreadable, diverged or repeated are kept out of every mean and "
+    "difference above. Runs without a usable baseline keep their own accuracy in their row "
+    "(counted as unpaired under seeds) but get no difference, the row saying why: no sync run "
+    "of their seed, or none that shares their data, model, training budget and every other "
+    "setting but the topology's own and the tuning keys (optim.*, shown in the row)."
 )
 
 
@@ -188,7 +237,7 @@ def write_markdown(comp: Comparison, name: str, figures: dict[int, list[tuple[st
         out += [
             f"### {kind} ({len(items)})",
             "",
-            md_table(["run", "row", "detail"], [[p.run, p.label, p.detail] for p in items]),
+            md_table(PROBLEM_HEADER, problem_rows(items)),
             "",
         ]
     return "\n".join(out)

@@ -5,40 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mach_lightning.report.load import Run
+from mach_lightning.report.keys import TABLE_PREFIXES, applies
+from mach_lightning.report.load import DIVERGED, Run
 from mach_lightning.report.stats import PairedDiff, Summary
 
 BASELINE = "sync"
-IGNORE = (
-    "name",
-    "seed",
-    "resume",
-    "ckpt_path",
-    "run.",
-    "logger.",
-    "trainer.accelerator",
-    "trainer.devices",
-    "trainer.num_nodes",
-    "trainer.strategy",
-    "trainer.progress_bar",
-    "trainer.deterministic",
-    "data.root",
-    "data.download",
-    "data.verify",
-    "data.eval_batch_size",
-    "simtime.",
-    "diagnostics.",
-    "config.",
-    "input_shape",
-    "num_classes",
-)
-TABLE_PREFIXES = ("data.", "model.")
-MATCH_PREFIXES = ("optim.", "trainer.")
 
 
 @dataclass
 class Problem:
-    kind: str  # in progress | failed | diverged | missing baseline | baseline mismatch | ...
+    kind: str  # unreadable | in progress | failed | diverged | missing baseline | ...
     run: str
     label: str
     detail: str
@@ -57,6 +33,8 @@ class Row:
     cells: dict[str, Summary | None] = field(default_factory=dict)
     deltas: dict[str, PairedDiff | None] = field(default_factory=dict)
     reached: int = 0
+    tuned: list[str] = field(default_factory=list)  # tuning keys that differ from the baseline
+    unpaired: dict[str, list[int]] = field(default_factory=dict)  # why no difference -> seeds
 
     @property
     def is_baseline(self) -> bool:
@@ -82,14 +60,12 @@ class Comparison:
     runs: list[Run]
 
 
-def ignored(key: str) -> bool:
-    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in IGNORE)
-
-
 def table_signature(run: Run) -> tuple:
     return tuple(
         sorted(
-            (k, v) for k, v in run.config.items() if k.startswith(TABLE_PREFIXES) and not ignored(k)
+            (k, v)
+            for k, v in run.config.items()
+            if k.startswith(TABLE_PREFIXES) and applies(k, run.config)
         )
     )
 
@@ -97,6 +73,12 @@ def table_signature(run: Run) -> tuple:
 def classify(run: Run) -> Problem | None:
     """The problem that keeps this run out of every mean, or None."""
     label = run.topology
+    if run.state == "unreadable":  # a file of the run cannot be parsed: named in the detail
+        return Problem("unreadable", run.source, label, run.detail)
+    if run.state == "unknown":  # squeue did not answer: neither in progress nor failed, as known
+        return Problem("state unknown", run.source, label, run.detail)
+    if run.state == DIVERGED:  # stopped by fit's divergence watch: result.json says why
+        return Problem("diverged", run.source, label, run.detail)
     if not run.finished:
         kind = "failed" if run.state in ("failed", "crashed", "lost", "killed") else "in progress"
         return Problem(kind, run.source, label, run.detail or f"W&B state: {run.state}")
@@ -104,17 +86,3 @@ def classify(run: Run) -> Problem | None:
     if bad:
         return Problem("diverged", run.source, label, f"non-finite {', '.join(bad)}")
     return None
-
-
-def agreement(a: Run, b: Run) -> int:
-    keys = {k for k in a.config if k.startswith(MATCH_PREFIXES) and not ignored(k)}
-    return sum(a.config.get(k) == b.config.get(k) for k in keys)
-
-
-def differences(a: Run, b: Run, prefixes: tuple) -> str:
-    keys = sorted(
-        k
-        for k in set(a.config) | set(b.config)
-        if k.startswith(prefixes) and not ignored(k) and a.config.get(k) != b.config.get(k)
-    )
-    return ", ".join(f"{k} {a.config.get(k)} vs {b.config.get(k)}" for k in keys)

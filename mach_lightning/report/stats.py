@@ -4,7 +4,7 @@ and when a curve first reaches a target.
 - mean +/- std: the sample mean and the sample standard deviation (n - 1 in the denominator).
 - paired difference to the baseline, by seed: d_s = x_s - b_s for every seed s run by both;
   mean d, its sample std s_d, and the 95% interval d +/- t(0.975, n - 1) * s_d / sqrt(n)
-  (Student's t with n - 1 degrees of freedom, computed here; no interval for n < 2). The
+  (Student's t with n - 1 degrees of freedom, from scipy.stats; no interval for n < 2). The
   interval "excludes zero" when both of its ends lie on the same side of zero.
 """
 
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import t as student_t
 
 
 @dataclass
@@ -47,36 +48,11 @@ def summarize(values: Sequence[float]) -> Summary | None:
     return Summary(len(vals), float(np.mean(vals)), std)
 
 
-def t_central(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with integer df (Abramowitz & Stegun 26.7.3 and 26.7.4)."""
-    theta = math.atan(abs(t) / math.sqrt(df))
-    sin, cos2 = math.sin(theta), math.cos(theta) ** 2
-    if df % 2 == 0:  # sin(theta) * [1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2)]
-        term, total = 1.0, 1.0
-        for k in range(1, df // 2):
-            term *= cos2 * (2 * k - 1) / (2 * k)
-            total += term
-        return sin * total
-    # odd: 2/pi * (theta + sin * cos * [1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... up to cos^(df-3)])
-    term, total = 1.0, 1.0 if df > 1 else 0.0
-    for k in range(1, (df - 1) // 2):
-        term *= cos2 * (2 * k) / (2 * k + 1)
-        total += term
-    return 2.0 / math.pi * (theta + sin * math.sqrt(cos2) * total)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The p-quantile (p > 0.5) of Student's t with integer df >= 1, by bisection to 1e-12."""
-    if not 0.5 < p < 1.0 or df < 1:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}.")
-    central = 2.0 * p - 1.0
-    lo, hi = 0.0, 1.0
-    while t_central(hi, df) < central:
-        hi *= 2.0
-    while hi - lo > 1e-12 * max(1.0, hi):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if t_central(mid, df) < central else (lo, mid)
-    return 0.5 * (lo + hi)
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t with df degrees of freedom (scipy.stats)."""
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}.")
+    return float(student_t.ppf(p, df))
 
 
 def paired_diff(

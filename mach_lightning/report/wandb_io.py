@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mach_lightning.report.load import FINISHED, ReportError, Run, flatten
+from mach_lightning.report.files import flatten
+from mach_lightning.report.load import FINISHED, ReportError, Run
 
 STEP = "trainer/global_step"
 NUMERIC_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}

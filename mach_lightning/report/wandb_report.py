@@ -1,5 +1,5 @@
 """The W&B Report with the local report's content, through the supported Reports API
-(`wandb_workspaces.reports.v2`, the `wandb[workspaces]` extra).
+(`wandb_workspaces.reports.v2`: `pip install "mach_lightning[publish]"`).
 
 Per table: its heading, target line and the same table (markdown), then a panel grid with one run
 set per row (the row's runs by W&B id, grouped into one line with a std band over seeds; the sync
@@ -14,8 +14,10 @@ from mach_lightning.report.load import Run
 from mach_lightning.report.metrics import SIM, TEST, VAL
 from mach_lightning.report.render import (
     LEGEND,
+    PROBLEM_HEADER,
     md_table,
     problem_groups,
+    problem_rows,
     table_cells,
     target_line,
 )
@@ -23,7 +25,8 @@ from mach_lightning.report.render import (
 # Lightning hands the metrics' `step` to WandbLogger as the step, logged as trainer/global_step.
 STEP = "trainer/global_step"
 TITLES = {VAL: "validation accuracy", "train/loss": "training loss"}
-INSTALL_HINT = "pip install 'wandb[workspaces]' (or wandb-workspaces)"
+# wandb-workspaces is the `publish` extra: only --publish needs it.
+INSTALL_HINT = 'pip install "mach_lightning[publish]"'
 
 
 def reports_api():
@@ -137,10 +140,9 @@ def build_report(comp: Comparison, name: str, entity: str, project: str, title: 
     if not comp.problems:
         blocks.append(wr.P("None: every run finished with a finite loss and has a baseline."))
     for kind, items in problem_groups(comp.problems):
-        rows = [[p.run, p.label, p.detail] for p in items]
         blocks += [
             wr.H3(f"{kind} ({len(items)})"),
-            wr.MarkdownBlock(md_table(["run", "row", "detail"], rows)),
+            wr.MarkdownBlock(md_table(PROBLEM_HEADER, problem_rows(items))),
         ]
     return wr.Report(
         project=project,

@@ -18,6 +18,7 @@ Every metric is logged against `step`, the topology's own batch-step counter (Li
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from typing import Any, ClassVar
 
@@ -34,7 +35,8 @@ from mach_lightning.components import Component, build_optimizer, build_schedule
 from mach_lightning.engine.lean_steps import DirectStep, lean_step_blockers
 from mach_lightning.engine.simtime import SimClock, SimLayout, slowdowns_from_config
 from mach_lightning.nets import build_backbone
-from mach_lightning.topologies.meter import TrainMeter
+from mach_lightning.topologies.meter import DivergenceWatch, TrainMeter
+from mach_lightning.topologies.rank_state import gather_from_ranks, state_of_rank
 
 MAIN_HEAD = "main"
 
@@ -47,7 +49,7 @@ class TopologyModule(LightningModule):
     # nn.Module.__setattr__ checks each value against Parameter, Module and Tensor first; these
     # attributes only ever hold plain values, so they skip the checks.
     _PLAIN_ATTRIBUTES: ClassVar[frozenset] = frozenset(
-        {"_current_fx_name", "batch_step", "_step_started", "_batch_counted"}
+        {"_current_fx_name", "batch_step", "_step_started", "_batch_counted", "_batch_finished"}
     )
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -88,6 +90,8 @@ class TopologyModule(LightningModule):
         self._max_steps = int(cfg.trainer.max_steps)
         self.test_label = "test"  # fit sets "test_best" while testing the best checkpoint
         self._batch_counted = True  # False between a batch's start and its count_batch()
+        self._batch_finished = True  # False between a batch's start and its finish_batch()
+        self._watch = DivergenceWatch(float(cfg.trainer.get("divergence_factor", 100.0)))
         self._train_optimizers: list | None = None  # set while fitting: see on_train_start
         self.lean_steps = False  # True while fitting on the lean path (engine/lean_steps.py)
 
@@ -114,11 +118,23 @@ class TopologyModule(LightningModule):
 
     def topology_state_dict(self) -> dict[str, Any]:
         """In-flight state saved in checkpoints (queues, counters); extend with super()."""
-        return {"batch_step": self.batch_step, "sim_clock": self.sim_clock.state_dict()}
+        return {
+            "batch_step": self.batch_step,
+            "sim_clock": self.sim_clock.state_dict(),
+            "meter": self._meter.state_dict(),
+            "divergence": self._watch.state_dict(),
+        }
 
     def load_topology_state_dict(self, state: dict[str, Any]) -> None:
         self.batch_step = int(state.get("batch_step", 0))
         self.sim_clock.load_state_dict(state.get("sim_clock", {}))
+        self._meter.load_state_dict(state.get("meter", {}))
+        self._watch.load_state_dict(state.get("divergence", {}))
+
+    @property
+    def diverged(self) -> str:
+        """Why training stopped as diverged ('' while it has not)."""
+        return self._watch.diverged
 
     def sim_layout(self) -> SimLayout:
         """How components share a step in simulated parallel time; default: a backprop chain."""
@@ -154,7 +170,12 @@ class TopologyModule(LightningModule):
         return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
 
     def on_train_start(self) -> None:
-        """Choose the backward/step path once per fit (engine/lean_steps.py says why)."""
+        """Choose the backward/step path once per fit (engine/lean_steps.py says why). Training
+        metrics are logged at least once an epoch, also when an epoch is shorter than
+        trainer.log_every_n_steps (digits has 11 batches: no loss shown for two epochs)."""
+        batches = self.trainer.num_training_batches
+        if math.isfinite(batches) and batches >= 1:
+            self._log_every = max(1, min(int(self.cfg.trainer.log_every_n_steps), int(batches)))
         optimizers = self._lightning_optimizers()
         wanted = bool(self.cfg.trainer.get("lean_steps", True))
         blockers = lean_step_blockers(self.trainer, self, optimizers) if wanted else []
@@ -183,32 +204,43 @@ class TopologyModule(LightningModule):
 
     # ----- bookkeeping around each training step -----
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        if self.sim_clock.enabled and not self.sim_clock.measured:
-            self.sim_clock.measure(self.components, batch[0])  # side-effect free; see simtime.py
+        if self.sim_clock.due(self.batch_step):  # side-effect free; see engine/simtime.py
+            self.sim_clock.measure(self.components, batch[0], self.batch_step)
         self._step_started = time.perf_counter()
-        self._batch_counted = False
+        self._batch_counted = self._batch_finished = False
 
     def count_batch(self) -> None:
-        """Count the batch just trained (once). Callbacks' on_train_batch_end runs before this
-        module's, so a checkpoint saved there calls this first and stores a matching step."""
+        """Count the batch just trained (once), e.g. for a checkpoint saved before finish_batch."""
         if not self._batch_counted:
             self._batch_counted = True
             self.batch_step += 1
             self.sim_clock.tick(self.sim_layout())
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def finish_batch(self, outputs, batch) -> None:
+        """The bookkeeping of the batch just trained, once: count, meter, metrics, stop checks.
+        Callbacks' on_train_batch_end runs before this module's, so one that saves a checkpoint
+        calls this first: the checkpoint then holds this batch's meter window and its row."""
+        if self._batch_finished:
+            return
+        self._batch_finished = True
         elapsed = time.perf_counter() - self._step_started
         self.count_batch()
         self._meter.update(outputs["loss"], outputs.get("logits"), batch[1], elapsed)
+        if self._watch.first is None:  # the loss before any update: one host sync, once
+            self._watch.first = float(outputs["loss"])
         at_log_point = self.batch_step % self._log_every == 0
         metrics = self.step_metrics(at_log_point)
         if at_log_point:
             metrics = {**self._meter.summary(), **metrics}
             self._meter.reset()
+            self._watch.check(metrics["train/loss"], self.batch_step)
         if metrics:
             self.log_step_metrics(metrics)
-        if 0 < self._max_steps <= self.batch_step:
+        if self._watch.diverged or 0 < self._max_steps <= self.batch_step:
             self.trainer.should_stop = True
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.finish_batch(outputs, batch)
 
     def log_step_metrics(self, metrics: dict[str, float]) -> None:
         """Log a dict of floats against the topology's batch step (for extra diagnostics too).
@@ -266,9 +298,19 @@ class TopologyModule(LightningModule):
         self._log_eval("test", label=self.test_label)
 
     # ----- checkpoints carry the in-flight state -----
+    # Under DDP each rank holds its own in-flight state (its own batches' queues and meter):
+    # every rank's goes into the checkpoint, and each rank resumes from its own.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.count_batch()  # saved from a callback's on_train_batch_end: the batch is trained
-        checkpoint["topology_state"] = self.topology_state_dict()
+        state = self.topology_state_dict()
+        checkpoint["topology_state"] = state
+        if self.trainer.world_size > 1:
+            checkpoint["topology_state_ranks"] = gather_from_ranks(state, self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.load_topology_state_dict(checkpoint.get("topology_state", {}))
+        state = checkpoint.get("topology_state", {})
+        ranks = checkpoint.get("topology_state_ranks")
+        world = self.trainer.world_size  # loaded by a Trainer (fit, or test of the best)
+        if ranks is not None or world > 1:
+            state = state_of_rank(ranks, self.global_rank, world, state)
+        self.load_topology_state_dict(state)

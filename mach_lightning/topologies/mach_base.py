@@ -44,7 +44,7 @@ from mach_lightning.mach import (
     Standalone,
     Wiring,
     distillation_loss,
-    measure_nodes,
+    node_work,
     reachable_nodes,
 )
 from mach_lightning.topologies.base import MAIN_HEAD, TopologyModule
@@ -278,9 +278,9 @@ class MachTopology(StaleDiagnosticsMixin, TopologyModule):
         return SimLayout(parallel=True)  # embeddings one way, delayed gradients the other
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        if self.sim_clock.enabled and not self.sim_clock.measured:
-            clock = self.sim_clock
-            clock.fwd_ms, clock.bwd_ms, clock.out_bytes = measure_nodes(self, batch[0], clock.reps)
+        x, step = batch[0], self.batch_step
+        if self.sim_clock.due(step):  # each node's own work, not a chain; the base then skips
+            self.sim_clock.measure_work(self, lambda: node_work(self, x), x.device, step)
         super().on_train_batch_start(batch, batch_idx)
 
     def step_metrics(self, at_log_point: bool) -> dict[str, float]:

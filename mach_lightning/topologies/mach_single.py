@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from mach_lightning.checkpoint_io import CheckpointError, load_checkpoint
 from mach_lightning.components import Component
 from mach_lightning.config import ConfigError
 from mach_lightning.engine.delay import functional_forward
@@ -104,7 +105,12 @@ class MachSingle(MachTopology):
 
 def load_upstream(components: nn.ModuleList, ckpt_path: str) -> None:
     """Copy a sync run's component weights (K-1 components) into components 1..K-1."""
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)["state_dict"]
+    try:
+        state = load_checkpoint(ckpt_path)["state_dict"]
+    except CheckpointError as err:  # no --trust-checkpoint here: a sync run's weights never need it
+        raise ConfigError(
+            f"mach.upstream_ckpt={ckpt_path}: {err.reason}; give the last.ckpt of a sync run."
+        ) from None
     prefix = "components."
     renamed = {}
     for key, value in state.items():
