@@ -245,7 +245,10 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path):
     mode = wandb_mode(cfg.logger.wandb)
     os.environ["WANDB_MODE"] = mode  # also stops wandb from prompting for a key
     if mode == "offline":  # wandb's own banner is a dozen lines; one line says what matters
+        import wandb
+
         os.environ.setdefault("WANDB_SILENT", "true")
+        wandb.setup()  # reads WANDB_SILENT now: also before the run's settings are checked
         print(f"W&B: offline run under {run_dir / 'wandb'} (upload later with `wandb sync`)")
     run_id = wandb_run_id(cfg.name, run_dir)
     w = cfg.logger.wandb
