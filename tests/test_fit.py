@@ -157,6 +157,17 @@ def test_wandb_goes_offline_without_a_key(tmp_path):
     assert list(offline_runs[0].glob("*.wandb"))  # the run's data, ready for `wandb sync`
 
 
+def test_offline_wandb_says_one_line_not_its_banner(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_MODE="offline")
+    overrides = tiny_overrides(tmp_path, "trainer.max_steps=3", "trainer.test_after_fit=false")
+    overrides = [o for o in overrides if not o.startswith("logger.wandb.enabled")]
+    proc = fit_cli(*overrides, env=env, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B: offline run under" in proc.stdout
+    assert "wandb:" not in proc.stdout + proc.stderr  # no banner, no "anonymous" warning
+
+
 def test_train_meter_sums_in_batches_and_holds_a_bounded_window():
     torch.manual_seed(0)
     meter = TrainMeter(flush_every=3)

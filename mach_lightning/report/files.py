@@ -16,14 +16,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mach_lightning.launch.status import Unreadable, read_object  # noqa: F401 (re-exported)
+
 REQUIRED = ("topology.name",)  # in every resolved config: its absence means a cut-short file
-
-
-class Unreadable(ValueError):
-    """A run directory's file that exists but cannot be parsed: `<file>: <what is wrong>`."""
-
-    def __init__(self, path: Path, why: str):
-        super().__init__(f"{Path(path).name}: {why}")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,18 +77,9 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def read_result(path: Path) -> dict[str, float] | None:
     """result.json's numbers (its strings, such as `status`, are left out); None: no file."""
-    if not path.is_file():
+    data = read_object(path)
+    if data is None:
         return None
-    try:
-        text = path.read_text()
-        data = json.loads(text)
-    except (OSError, UnicodeDecodeError) as err:
-        raise Unreadable(path, f"cannot be read: {err}") from None
-    except json.JSONDecodeError as err:
-        why = "empty file" if not text.strip() else f"not valid JSON (cut short?): {err}"
-        raise Unreadable(path, why) from None
-    if not isinstance(data, dict):
-        raise Unreadable(path, f"holds a JSON {type(data).__name__}, not an object")
     numbers = (int, float)
     return {
         k: float(v) for k, v in data.items() if isinstance(v, numbers) and not isinstance(v, bool)
