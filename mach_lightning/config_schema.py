@@ -81,7 +81,7 @@ class SimTimeConfig:
     flops_per_s: float = 5e10  # cost=flops: the simulated devices' rate, FLOP/s
     # cost=measured: re-time every N batch steps, the estimate being the median of all timings so
     # far, so one spoilt by a busy machine is outvoted (0: time the first batch only)
-    remeasure_every_n_steps: int = 200
+    remeasure_every_n_steps: int = 5000
     measure_reps: int = 20  # short timed rounds per measurement, all components in turn; the
     # fastest counts (other processes only ever add time)
     measure_threads: int = 1  # torch threads while timing, restored after (0: as training's)

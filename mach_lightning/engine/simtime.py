@@ -77,7 +77,7 @@ class SimClock:
         self.enabled = bool(get("enabled", True))
         self.cost = str(get("cost", "measured"))
         self.flops_per_s = float(get("flops_per_s", 5e10))
-        self.every = int(get("remeasure_every_n_steps", 200))
+        self.every = int(get("remeasure_every_n_steps", 5000))
         self.reps = int(get("measure_reps", 20))
         self.threads = int(get("measure_threads", 1))
         self.latency_ms = float(get("link_latency_us", 10.0)) / 1000.0
