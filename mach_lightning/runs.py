@@ -34,7 +34,7 @@ from mach_lightning.atomic import atomic_write_text
 from mach_lightning.config import ConfigError
 
 RESULT_FILE = "result.json"
-EVENTS_FILE = "events.jsonl"
+EVENTS_FILE = "events.jsonl"  # launch/task.py reads it as EVENTS
 FINISHED, DIVERGED, FINISHED_ALREADY = "finished", "diverged", "finished already"
 
 
@@ -105,6 +105,7 @@ def write_result(run_dir: Path, metrics: dict, status: str = FINISHED, reason: s
 def log_run_event(run_dir: Path, event: str, **fields) -> None:
     """Append one line to <run_dir>/events.jsonl (a small append stays whole)."""
     record = {"event": event, "time": time.time(), "host": socket.gethostname(), **fields}
+    # one writer for fit's and the launcher's events (launch/task.py adds each line's rank)
     with open(Path(run_dir) / EVENTS_FILE, "a") as file:
         file.write(json.dumps(record, default=str) + "\n")
 

@@ -145,25 +145,26 @@ def test_cli_list_names_topologies_and_datasets():
     assert "sync" in proc.stdout and "digits" in proc.stdout and "mnist" in proc.stdout
 
 
-def test_wandb_goes_offline_without_a_key(tmp_path):
+def _wandb_run_without_a_key(tmp_path, **env_extra: str) -> subprocess.CompletedProcess:
+    """A 3-step run with W&B on, no API key, no netrc, no prompt possible."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_SILENT="true")
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), **env_extra)
     overrides = tiny_overrides(tmp_path, "trainer.max_steps=3", "trainer.test_after_fit=false")
     overrides = [o for o in overrides if not o.startswith("logger.wandb.enabled")]
     proc = fit_cli(*overrides, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_wandb_goes_offline_without_a_key(tmp_path):
+    _wandb_run_without_a_key(tmp_path, WANDB_SILENT="true")
     offline_runs = list((tmp_path / "runs").glob("default/*/wandb/offline-run-*"))
     assert offline_runs, "no offline W&B run was written"
     assert list(offline_runs[0].glob("*.wandb"))  # the run's data, ready for `wandb sync`
 
 
 def test_offline_wandb_says_one_line_not_its_banner(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), WANDB_MODE="offline")
-    overrides = tiny_overrides(tmp_path, "trainer.max_steps=3", "trainer.test_after_fit=false")
-    overrides = [o for o in overrides if not o.startswith("logger.wandb.enabled")]
-    proc = fit_cli(*overrides, env=env, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _wandb_run_without_a_key(tmp_path, WANDB_MODE="offline")
     assert "W&B: offline run under" in proc.stdout
     assert "wandb:" not in proc.stdout + proc.stderr  # no banner, no "anonymous" warning
 

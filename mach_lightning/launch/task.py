@@ -68,11 +68,10 @@ def rank() -> int:
 
 def log_event(run_dir: Path, event: str, **fields: Any) -> None:
     """Append one line to <run_dir>/events.jsonl (small appends from several ranks stay whole)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = {"event": event, "time": time.time(), "rank": rank(), "host": socket.gethostname()}
-    record.update(fields)
-    with open(run_dir / EVENTS, "a") as file:
-        file.write(json.dumps(record, default=str) + "\n")
+    from mach_lightning import runs  # here: runs imports Lightning, the launcher need not
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    runs.log_run_event(run_dir, event, rank=rank(), **fields)
 
 
 def read_events(run_dir: Path) -> list[dict]:
