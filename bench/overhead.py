@@ -12,7 +12,7 @@ Target: fit / plain <= 1.10.
          optimization (manual_backward, LightningOptimizer.step), through a bare Trainer with no
          logger, checkpoint or progress bar: what any Lightning manual-optimization loop pays
   fit    `fit` with the sync topology: loggers, checkpoints, progress bar, train metrics, and the
-         lean backward/step path (mach_lightning/engine/lean_steps.py)
+         lean backward/step path (mach_lightning/sim/lean_steps.py)
   full   `fit` with trainer.lean_steps=false: Lightning's full backward/step path
 
     python bench/overhead.py [--steps 500] [--reps 7] [--components 1 2 4] [--batch-size 128]
@@ -36,7 +36,7 @@ from step_clock import WARMUP, StepClock, timed_run_overrides
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.topologies import create_topology
+from mach_lightning.methods import create_topology
 
 
 def make_cfg(args, k: int, run_root: str):

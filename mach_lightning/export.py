@@ -47,7 +47,7 @@ from mach_lightning.export_input import (
     input_spec,
     with_raw_inputs,
 )
-from mach_lightning.topologies import TOPOLOGIES
+from mach_lightning.methods import TOPOLOGIES
 
 FORMAT = "mach_lightning.standalone/2"
 # Files from before the input layer hold a component that expects prepared inputs, and no spec.

@@ -51,7 +51,7 @@ def _summary(result: dict) -> str:
 
 def _list() -> int:
     from mach_lightning.data import list_datasets
-    from mach_lightning.topologies import list_topologies
+    from mach_lightning.methods import list_topologies
 
     print("topologies:", ", ".join(list_topologies()))
     print("datasets:  ", ", ".join(list_datasets()))

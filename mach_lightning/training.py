@@ -24,7 +24,7 @@ from mach_lightning.data import create_datamodule
 from mach_lightning.resume import check_weights_fit, plan_resume
 from mach_lightning.run_lock import RunLock
 from mach_lightning.runs import DIVERGED, FINISHED, FINISHED_ALREADY
-from mach_lightning.topologies import create_topology
+from mach_lightning.methods import create_topology
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, Slurm's convention
 

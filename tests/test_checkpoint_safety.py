@@ -23,8 +23,8 @@ from mach_lightning.checkpoint_io import CheckpointError, lightning_loading, loa
 from mach_lightning.config import ConfigError, load_config
 from mach_lightning.fit import run_fit
 from mach_lightning.launch.task import _checkpoint_step
-from mach_lightning.topologies import list_topologies
-from mach_lightning.topologies.mach_single import load_upstream
+from mach_lightning.methods import list_topologies
+from mach_lightning.methods.mach_single import load_upstream
 
 from .conftest import REPO, fit_cli, tiny_overrides
 

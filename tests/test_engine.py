@@ -11,9 +11,9 @@ from torch import nn
 
 from mach_lightning.config import Config, ConfigError, load_config
 from mach_lightning.engine import delay, diagnostics
-from mach_lightning.engine.dcasgd import DCASGD
-from mach_lightning.engine.simtime import SimClock, SimLayout
-from mach_lightning.engine.staleness import create_schedule, list_schedules
+from mach_lightning.core.dcasgd import DCASGD
+from mach_lightning.sim.simtime import SimClock, SimLayout
+from mach_lightning.sim.staleness import create_schedule, list_schedules
 
 
 def staleness_cfg(**values):

@@ -15,7 +15,7 @@ import pytest
 
 from mach_lightning.config import load_config
 from mach_lightning.fit import run_fit
-from mach_lightning.topologies import list_topologies
+from mach_lightning.methods import list_topologies
 
 from .conftest import tiny_overrides
 from .test_fit import column, read_metrics

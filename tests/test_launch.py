@@ -188,7 +188,7 @@ def test_grid_random_seeds_and_baselines_expand(tmp_path):
 
 
 def test_every_registered_topology_with_star(tmp_path):
-    from mach_lightning.topologies import list_topologies
+    from mach_lightning.methods import list_topologies
 
     sweep = write_sweep(tmp_path, "grid: {topology.name: '*'}\nseeds: [0, 1, 2]\n")
     _, jobs = expand_sweep(sweep, [])
@@ -197,7 +197,7 @@ def test_every_registered_topology_with_star(tmp_path):
 
 @pytest.mark.parametrize("name", ["topologies", "staleness"])
 def test_shipped_sweeps_validate(name, tmp_path):
-    from mach_lightning.topologies import list_topologies
+    from mach_lightning.methods import list_topologies
 
     if name == "staleness" and "delayed" not in list_topologies():
         pytest.skip("sweeps/staleness.yaml needs the `delayed` topology (stale-gradient engine)")

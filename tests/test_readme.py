@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from mach_lightning.config import load_config
-from mach_lightning.topologies import list_topologies
+from mach_lightning.methods import list_topologies
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()

@@ -439,7 +439,7 @@ def test_wandb_source_reads_runs_through_the_public_api():
 def test_end_to_end_real_runs_then_report(tmp_path):
     from mach_lightning.config import load_config
     from mach_lightning.fit import run_fit
-    from mach_lightning.topologies import list_topologies
+    from mach_lightning.methods import list_topologies
 
     from .conftest import tiny_overrides
 

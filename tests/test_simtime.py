@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-import mach_lightning.engine.simtime as simtime
+import mach_lightning.sim.simtime as simtime
 from mach_lightning.config import Config, ConfigError, load_config
-from mach_lightning.engine.simtime import SimClock, SimLayout
-from mach_lightning.engine.simtime_measure import chain_work, count_flops
+from mach_lightning.sim.simtime import SimClock, SimLayout
+from mach_lightning.sim.simtime_measure import chain_work, count_flops
 
 WIDTH, BATCH = 64, 32
 

@@ -11,13 +11,13 @@ from lightning.pytorch import Callback, seed_everything
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.topologies import (
+from mach_lightning.methods import (
     TOPOLOGIES,
     create_topology,
     list_topologies,
     register_topology,
 )
-from mach_lightning.topologies.base import TopologyModule
+from mach_lightning.sim.module import TopologyModule
 
 from .conftest import tiny_overrides
 

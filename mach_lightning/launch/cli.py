@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mach_lightning.config import locate_config
-from mach_lightning.config_schema import RunConfig
+from mach_lightning.config.schema import RunConfig
 from mach_lightning.launch import profiles, status, submit
 from mach_lightning.launch.sweep import SweepError, expand_sweep, single_job
 from mach_lightning.launch.sweep_spec import SWEEP_DIR

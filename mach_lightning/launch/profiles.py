@@ -16,8 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mach_lightning.resources import PROFILES, data_dir, packaged
-from mach_lightning.yamlfile import load_yaml
+from mach_lightning.config.resources import PROFILES, data_dir, packaged
+from mach_lightning.config.yamlfile import load_yaml
 
 # The profiles shipped in the package (a checkout's package folder links to its slurm/).
 PROFILE_DIR = data_dir(PROFILES).resolve()

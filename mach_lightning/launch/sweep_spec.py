@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mach_lightning.yamlfile import load_yaml, nearest_file, shown, where
+from mach_lightning.config.yamlfile import load_yaml, nearest_file, shown, where
 
 SWEEP_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 SWEEP_KEYS = {"name", "description", "config", "overrides", "grid", "random", "seeds", "baseline"}

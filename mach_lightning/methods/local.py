@@ -5,7 +5,7 @@ with topology.aux_hidden units; convolutional features are pooled to 2x2 first) 
 own cross-entropy; the last component trains on the real loss. Inputs are detached, so no gradient
 crosses a component boundary. Every local loss is summed and backpropagated once per step.
 
-Two ways staleness enters (engine/staleness.py):
+Two ways staleness enters (sim/staleness.py):
   async_buffer = 0  the schedule's d_i is the age of the activations component i trains on: batch
                     s's input to component i (produced by component i-1 when s went forward) is
                     queued and trained on at step s + d_i with the current weights. All 0: DGL.
@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mach_lightning.components import Component
+from mach_lightning.core.blocks import Component
 from mach_lightning.config import register_choices
-from mach_lightning.engine.delay import DelayQueue, ReplayBuffer, frozen_buffers
-from mach_lightning.engine.diagnostics import StaleDiagnosticsMixin
-from mach_lightning.engine.simtime import SimLayout
-from mach_lightning.engine.staleness import create_schedule, step_generator
+from mach_lightning.core.inflight import DelayQueue, ReplayBuffer, frozen_buffers
+from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
+from mach_lightning.sim.simtime import SimLayout
+from mach_lightning.sim.staleness import create_schedule, step_generator
 from mach_lightning.nets import build_backbone
-from mach_lightning.topologies import register_topology
-from mach_lightning.topologies.base import MAIN_HEAD, TopologyModule
+from mach_lightning.methods import register_topology
+from mach_lightning.sim.module import MAIN_HEAD, TopologyModule
 
 AUX_HEADS = ["linear", "mlp"]
 register_choices("topology.aux_head", lambda: AUX_HEADS)

@@ -4,7 +4,7 @@ Component i's teacher f_i sees x and the embedding of component i+1 (its *child*
 student's imitation of it (mach.use_student); the last component sees x alone. Every component
 has its own target head and loss, and component i's student learns to reproduce component i+1's
 embedding from x. The child's gradient from its parent is delayed by the child's d_{i+1}
-(staleness.schedule) through the engine's queues; see topologies/mach_base.py for the mechanics.
+(staleness.schedule) through the engine's queues; see methods/mach_base.py for the mechanics.
 At evaluation every component uses its student, not its child (val/acc_c{i}), so each is usable
 alone; val/acc is component 0 as trained. The main job: configs/seq.yaml.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from mach_lightning.mach import build_mach_component, teacher_embedding_dim
-from mach_lightning.topologies import register_topology
-from mach_lightning.topologies.mach_base import MachTopology
+from mach_lightning.core.mach_blocks import build_mach_component, teacher_embedding_dim
+from mach_lightning.methods import register_topology
+from mach_lightning.methods.mach_base import MachTopology
 
 
 @register_topology

@@ -1,7 +1,7 @@
 """The config schema: one dataclass per section, with every setting's default and meaning.
 
 `configs/default.yaml` repeats these defaults with the same comments (a test keeps them equal);
-loading and validation are in `mach_lightning/config.py`, which re-exports these classes.
+loading and validation are in `mach_lightning/config/__init__.py`, which re-exports these classes.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class SimTimeConfig:
 
 @dataclass
 class SynthConfig:
-    """Gradient synthesizers of dni/cdni (mach_lightning/synth.py)."""
+    """Gradient synthesizers of dni/cdni (mach_lightning/core/synth.py)."""
 
     hidden: int = 1024  # hidden width of each synthesizer (MLP units or conv channels)
     layers: int = 1  # hidden layers of each synthesizer; 0: a linear map
@@ -103,7 +103,7 @@ class SynthConfig:
 
 @dataclass
 class MachConfig:
-    """The MACH family: teachers, target heads and students (mach_lightning/mach.py)."""
+    """The MACH family: teachers, target heads and students (mach_lightning/core/mach_blocks.py)."""
 
     # What each teacher consumes in training: neighbour (the real neighbour's embedding), student
     # (its student's imitation) or both (one target loss on each); a list gives one per component.

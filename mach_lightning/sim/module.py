@@ -10,7 +10,7 @@ Metric names (the documented scheme, also in the README):
   val/loss, val/acc, test/...      the full-model output on the split
   val/acc_c{i}, test/acc_c{i}      component i's own output, for topologies where it has one
   time/step_ms, time/samples_per_s wall-clock of training_step, same window as train/loss
-  time/sim_step_ms, time/sim_elapsed_s  simulated parallel time (engine/simtime.py; `sim_layout`)
+  time/sim_step_ms, time/sim_elapsed_s  simulated parallel time (sim/simtime.py; `sim_layout`)
 Every metric is logged against `step`, the topology's own batch-step counter (Lightning's
 `global_step` counts every optimizer's steps, K per batch here).
 """
@@ -31,12 +31,12 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from mach_lightning.components import Component, build_optimizer, build_scheduler
-from mach_lightning.engine.lean_steps import DirectStep, lean_step_blockers
-from mach_lightning.engine.simtime import SimClock, SimLayout, slowdowns_from_config
+from mach_lightning.core.blocks import Component, build_optimizer, build_scheduler
+from mach_lightning.sim.lean_steps import DirectStep, lean_step_blockers
+from mach_lightning.sim.simtime import SimClock, SimLayout, slowdowns_from_config
 from mach_lightning.nets import build_backbone
-from mach_lightning.topologies.meter import DivergenceWatch, TrainMeter
-from mach_lightning.topologies.rank_state import gather_from_ranks, state_of_rank
+from mach_lightning.sim.meter import DivergenceWatch, TrainMeter
+from mach_lightning.sim.rank_state import gather_from_ranks, state_of_rank
 
 MAIN_HEAD = "main"
 
@@ -93,7 +93,7 @@ class TopologyModule(LightningModule):
         self._batch_finished = True  # False between a batch's start and its finish_batch()
         self._watch = DivergenceWatch(float(cfg.trainer.get("divergence_factor", 100.0)))
         self._train_optimizers: list | None = None  # set while fitting: see on_train_start
-        self.lean_steps = False  # True while fitting on the lean path (engine/lean_steps.py)
+        self.lean_steps = False  # True while fitting on the lean path (sim/lean_steps.py)
 
     # ----- structure: subclasses override these to add heads, synthesizers, students -----
     def build_components(self) -> nn.ModuleList:
@@ -170,7 +170,7 @@ class TopologyModule(LightningModule):
         return list(optimizers) if isinstance(optimizers, (list, tuple)) else [optimizers]
 
     def on_train_start(self) -> None:
-        """Choose the backward/step path once per fit (engine/lean_steps.py says why). Training
+        """Choose the backward/step path once per fit (sim/lean_steps.py says why). Training
         metrics are logged at least once an epoch, also when an epoch is shorter than
         trainer.log_every_n_steps (digits has 11 batches: no loss shown for two epochs)."""
         batches = self.trainer.num_training_batches
@@ -204,7 +204,7 @@ class TopologyModule(LightningModule):
 
     # ----- bookkeeping around each training step -----
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        if self.sim_clock.due(self.batch_step):  # side-effect free; see engine/simtime.py
+        if self.sim_clock.due(self.batch_step):  # side-effect free; see sim/simtime.py
             self.sim_clock.measure(self.components, batch[0], self.batch_step)
         self._step_started = time.perf_counter()
         self._batch_counted = self._batch_finished = False

@@ -33,7 +33,7 @@ def create_topology(cfg, input_shape: tuple, num_classes: int):
 register_choices("topology.name", list_topologies)
 
 # Importing a topology module registers it. Keep this list in sync with the files here.
-from mach_lightning.topologies import (  # noqa: E402,F401
+from mach_lightning.methods import (  # noqa: E402,F401
     delayed,
     dni,
     local,

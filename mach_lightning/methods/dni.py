@@ -1,6 +1,6 @@
 """Decoupled Neural Interfaces: synthetic gradients break the backward lock (Jaderberg et al. 2016).
 
-`dni`: after every component but the last sits a synthesizer S_i (mach_lightning/synth.py) that
+`dni`: after every component but the last sits a synthesizer S_i (mach_lightning/core/synth.py) that
 predicts the gradient at the component's output h_i. Component i updates at once with S_i(h_i)
 instead of waiting for the true gradient. `cdni` is the same class with label-conditioned
 synthesizers, S_i(h_i, y): a separate registered name, so configs and result tables say which.
@@ -33,20 +33,20 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from mach_lightning.components import build_optimizer, build_scheduler
+from mach_lightning.core.blocks import build_optimizer, build_scheduler
 from mach_lightning.config import ConfigError, register_choices
-from mach_lightning.engine.delay import DelayQueue
-from mach_lightning.engine.diagnostics import StaleDiagnosticsMixin
-from mach_lightning.engine.simtime import SimLayout
-from mach_lightning.engine.staleness import create_schedule
-from mach_lightning.synth import (
+from mach_lightning.core.inflight import DelayQueue
+from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
+from mach_lightning.sim.simtime import SimLayout
+from mach_lightning.sim.staleness import create_schedule
+from mach_lightning.core.synth import (
     GradientSynthesizer,
     boundary_shapes,
     synthesizer_loss,
     synthesizer_loss_grad,
 )
-from mach_lightning.topologies import register_topology
-from mach_lightning.topologies.base import TopologyModule
+from mach_lightning.methods import register_topology
+from mach_lightning.sim.module import TopologyModule
 
 register_choices("synth.optimizer", lambda: ["adam", "adamw", "sgd"])
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mach_lightning.components import Component
-from mach_lightning.engine.simtime_measure import Work
+from mach_lightning.core.blocks import Component
+from mach_lightning.sim.simtime_measure import Work
 from mach_lightning.nets import BACKBONES
 
 
@@ -173,7 +173,7 @@ class Standalone(nn.Module):
 
 
 def node_work(topology, x: torch.Tensor) -> list[Work]:
-    """Per node of a MACH topology, its own work for simulated time (engine/simtime.py).
+    """Per node of a MACH topology, its own work for simulated time (sim/simtime.py).
 
     A node's teacher, head and student run with a dummy neighbour input, as on a device of its
     own; its message is its published embedding.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from mach_lightning.topologies import register_topology
-from mach_lightning.topologies.base import TopologyModule
+from mach_lightning.methods import register_topology
+from mach_lightning.sim.module import TopologyModule
 
 
 @register_topology

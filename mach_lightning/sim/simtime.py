@@ -1,7 +1,7 @@
 """Simulated parallel time: the wall-clock a step would take with each component on its own device.
 
 Each component's forward and backward cost on a training batch comes from one of two models
-(`simtime.cost`; engine/simtime_measure.py does the measuring, without touching the run):
+(`simtime.cost`; sim/simtime_measure.py does the measuring, without touching the run):
 
   measured  timed on this machine with torch.utils.benchmark, torch pinned to
             `simtime.measure_threads` threads (on one CPU thread, by its CPU time): the fastest
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mach_lightning.engine.simtime_measure import (
+from mach_lightning.sim.simtime_measure import (
     Work,
     chain_work,
     count_flops,

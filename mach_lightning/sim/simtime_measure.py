@@ -1,6 +1,6 @@
 """What simulated time measures: each component's forward and backward, timed or counted.
 
-A topology describes one step of each component as a `Work` (engine/simtime.py's SimClock picks
+A topology describes one step of each component as a `Work` (sim/simtime.py's SimClock picks
 when to measure and how to combine). Two cost models:
 
   timed    torch.utils.benchmark.Timer.blocked_autorange on each forward and each backward, with
@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from mach_lightning.engine.delay import frozen_buffers
+from mach_lightning.core.inflight import frozen_buffers
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from mach_lightning.engine.delay import frozen_buffers
+from mach_lightning.core.inflight import frozen_buffers
 
 
 class StalenessTracker:

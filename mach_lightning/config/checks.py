@@ -1,6 +1,6 @@
 """Checks of a merged config's section values: numbers in range and keys that depend on each
 other (staleness schedules, stale-gradient topologies, synthesizers, MACH), each naming the key and
-the fix. `mach_lightning/config.py` runs them from `validate_semantics` and re-exports them.
+the fix. `mach_lightning/config/__init__.py` runs them from `validate_semantics` and re-exports them.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ SIM_COSTS = ("measured", "flops")
 
 
 def validate_simtime(sim: DictConfig) -> None:
-    """Simulated-time settings (engine/simtime.py)."""
+    """Simulated-time settings (sim/simtime.py)."""
     if sim.cost not in SIM_COSTS:
         raise ConfigError(f"simtime.cost must be one of {', '.join(SIM_COSTS)}, got {sim.cost}.")
     if sim.measure_reps < 1 or sim.measure_threads < 0:

@@ -10,7 +10,7 @@ the gradient travels as a tensor message, queued until it is due. Delays are dra
 it goes forward, so random schedules work too: each batch's gradient is applied exactly once per
 component, at s + d_i(s); gradients due at the same step are summed.
 
-grad_mode (see engine/delay.py for the memory cost of each):
+grad_mode (see core/inflight.py for the memory cost of each):
   stash      the gradient at the weights that did batch s's forward (a stored graph over cloned
              weights; PipeDream's weight stashing). For any delays this equals the full backprop
              gradient of batch s at the weights of step s, restricted to component i.
@@ -32,19 +32,19 @@ import torch
 import torch.nn.functional as F
 
 from mach_lightning.config import register_choices
-from mach_lightning.engine.dcasgd import DCASGD
-from mach_lightning.engine.delay import (
+from mach_lightning.core.dcasgd import DCASGD
+from mach_lightning.core.inflight import (
     DelayQueue,
     cloned_params,
     frozen_buffers,
     functional_forward,
     stashed_params,
 )
-from mach_lightning.engine.diagnostics import StaleDiagnosticsMixin
-from mach_lightning.engine.simtime import SimLayout
-from mach_lightning.engine.staleness import create_schedule
-from mach_lightning.topologies import register_topology
-from mach_lightning.topologies.base import TopologyModule
+from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
+from mach_lightning.sim.simtime import SimLayout
+from mach_lightning.sim.staleness import create_schedule
+from mach_lightning.methods import register_topology
+from mach_lightning.sim.module import TopologyModule
 
 GRAD_MODES = ["stash", "recompute"]
 register_choices("topology.grad_mode", lambda: GRAD_MODES)

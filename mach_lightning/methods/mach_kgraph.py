@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from mach_lightning.mach import build_mach_component, teacher_embedding_dim
-from mach_lightning.topologies import register_topology
-from mach_lightning.topologies.mach_base import MachTopology
+from mach_lightning.core.mach_blocks import build_mach_component, teacher_embedding_dim
+from mach_lightning.methods import register_topology
+from mach_lightning.methods.mach_base import MachTopology
 
 
 @register_topology

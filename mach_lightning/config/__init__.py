@@ -18,14 +18,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 # Re-exported: callers import the schema, the error and every check from mach_lightning.config.
-from mach_lightning.config_checks import (  # noqa: F401
+from mach_lightning.config.checks import (  # noqa: F401
     STUDENT_MODES,
     ConfigError,
     resolve_student_modes,
     validate_staleness,
     validate_synth_and_mach,
 )
-from mach_lightning.config_schema import (  # noqa: F401
+from mach_lightning.config.schema import (  # noqa: F401
     Config,
     DataConfig,
     DiagnosticsConfig,
@@ -41,8 +41,8 @@ from mach_lightning.config_schema import (  # noqa: F401
     TrainerConfig,
     WandbConfig,
 )
-from mach_lightning.resources import CONFIGS, data_dir, packaged
-from mach_lightning.yamlfile import load_yaml, nearest_file
+from mach_lightning.config.resources import CONFIGS, data_dir, packaged
+from mach_lightning.config.yamlfile import load_yaml, nearest_file
 
 # The experiment files shipped in the package (a checkout's package folder links to configs/).
 CONFIG_DIR = data_dir(CONFIGS).resolve()
@@ -202,7 +202,7 @@ def _check_missing(cfg: DictConfig, sources: dict[str, str]) -> None:
 def _import_registries() -> None:
     """Importing the registries fills CHOICES (topology, dataset and schedule names)."""
     import mach_lightning.data  # noqa: F401
-    import mach_lightning.topologies  # noqa: F401
+    import mach_lightning.methods  # noqa: F401
 
 
 def load_config(
