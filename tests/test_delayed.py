@@ -17,8 +17,8 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from mach_lightning.config import Config, validate_semantics
-from mach_lightning.sim.diagnostics import cosine
 from mach_lightning.methods import create_topology
+from mach_lightning.sim.diagnostics import cosine
 
 INPUT_SHAPE, CLASSES, BATCH, STEPS = (1, 8, 8), 10, 16, 8
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from mach_lightning.config import load_config
+from mach_lightning.core.synth import GradientSynthesizer
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.core.synth import GradientSynthesizer
 from mach_lightning.methods import TOPOLOGIES, create_topology
 from mach_lightning.methods.dni import DNI
 

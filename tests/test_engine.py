@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
+from mach_lightning.engine import delay, diagnostics
 from omegaconf import OmegaConf
 from torch import nn
 
 from mach_lightning.config import Config, ConfigError, load_config
-from mach_lightning.engine import delay, diagnostics
 from mach_lightning.core.dcasgd import DCASGD
 from mach_lightning.sim.simtime import SimClock, SimLayout
 from mach_lightning.sim.staleness import create_schedule, list_schedules

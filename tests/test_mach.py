@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mach_lightning.core.blocks import build_optimizer
 from mach_lightning.config import ConfigError, load_config
+from mach_lightning.core.blocks import build_optimizer
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer, run_fit
 from mach_lightning.methods import TOPOLOGIES

@@ -25,6 +25,7 @@ from mach_lightning.config.checks import (  # noqa: F401
     validate_staleness,
     validate_synth_and_mach,
 )
+from mach_lightning.config.resources import CONFIGS, data_dir, packaged
 from mach_lightning.config.schema import (  # noqa: F401
     Config,
     DataConfig,
@@ -41,7 +42,6 @@ from mach_lightning.config.schema import (  # noqa: F401
     TrainerConfig,
     WandbConfig,
 )
-from mach_lightning.config.resources import CONFIGS, data_dir, packaged
 from mach_lightning.config.yamlfile import load_yaml, nearest_file
 
 # The experiment files shipped in the package (a checkout's package folder links to configs/).

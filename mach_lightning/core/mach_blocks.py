@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mach_lightning.core.blocks import Component
-from mach_lightning.sim.simtime_measure import Work
 from mach_lightning.nets import BACKBONES
+from mach_lightning.sim.simtime_measure import Work
 
 
 def flat_fusion(backbone: str, input_shape: tuple) -> bool:

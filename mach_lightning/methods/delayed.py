@@ -40,11 +40,11 @@ from mach_lightning.core.inflight import (
     functional_forward,
     stashed_params,
 )
+from mach_lightning.methods import register_topology
 from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
+from mach_lightning.sim.module import TopologyModule
 from mach_lightning.sim.simtime import SimLayout
 from mach_lightning.sim.staleness import create_schedule
-from mach_lightning.methods import register_topology
-from mach_lightning.sim.module import TopologyModule
 
 GRAD_MODES = ["stash", "recompute"]
 register_choices("topology.grad_mode", lambda: GRAD_MODES)

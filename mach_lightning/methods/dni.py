@@ -33,12 +33,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from mach_lightning.core.blocks import build_optimizer, build_scheduler
 from mach_lightning.config import ConfigError, register_choices
+from mach_lightning.core.blocks import build_optimizer, build_scheduler
 from mach_lightning.core.inflight import DelayQueue
-from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
-from mach_lightning.sim.simtime import SimLayout
-from mach_lightning.sim.staleness import create_schedule
 from mach_lightning.core.synth import (
     GradientSynthesizer,
     boundary_shapes,
@@ -46,7 +43,10 @@ from mach_lightning.core.synth import (
     synthesizer_loss_grad,
 )
 from mach_lightning.methods import register_topology
+from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
 from mach_lightning.sim.module import TopologyModule
+from mach_lightning.sim.simtime import SimLayout
+from mach_lightning.sim.staleness import create_schedule
 
 register_choices("synth.optimizer", lambda: ["adam", "adamw", "sgd"])
 

@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mach_lightning.core.blocks import Component
 from mach_lightning.config import register_choices
+from mach_lightning.core.blocks import Component
 from mach_lightning.core.inflight import DelayQueue, ReplayBuffer, frozen_buffers
+from mach_lightning.methods import register_topology
+from mach_lightning.nets import build_backbone
 from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
+from mach_lightning.sim.module import MAIN_HEAD, TopologyModule
 from mach_lightning.sim.simtime import SimLayout
 from mach_lightning.sim.staleness import create_schedule, step_generator
-from mach_lightning.nets import build_backbone
-from mach_lightning.methods import register_topology
-from mach_lightning.sim.module import MAIN_HEAD, TopologyModule
 
 AUX_HEADS = ["linear", "mlp"]
 register_choices("topology.aux_head", lambda: AUX_HEADS)

@@ -1,6 +1,6 @@
 """What mach_single, mach_seq and mach_kgraph share: nodes that publish embeddings to each other.
 
-A *node* is a MACH component (mach_lightning/core/mach_blocks.py: teacher, target head, student) or, in
+A *node* is a MACH component (core/mach_blocks.py: teacher, target head, student) or, in
 mach_single, the upstream network. Each step, every node *publishes* an embedding of the batch,
 and node i's teacher consumes the concatenation of its neighbours' published embeddings (its
 `neighbour` input) or its student's imitation of it, per `mach.use_student`:
@@ -37,9 +37,6 @@ from mach_lightning.core.inflight import (
     functional_forward,
     stashed_params,
 )
-from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
-from mach_lightning.sim.simtime import SimLayout
-from mach_lightning.sim.staleness import create_schedule
 from mach_lightning.core.mach_blocks import (
     Standalone,
     Wiring,
@@ -47,8 +44,11 @@ from mach_lightning.core.mach_blocks import (
     node_work,
     reachable_nodes,
 )
-from mach_lightning.sim.module import MAIN_HEAD, TopologyModule
 from mach_lightning.methods.dni import WindowMeans
+from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
+from mach_lightning.sim.module import MAIN_HEAD, TopologyModule
+from mach_lightning.sim.simtime import SimLayout
+from mach_lightning.sim.staleness import create_schedule
 
 
 class MachTopology(StaleDiagnosticsMixin, TopologyModule):

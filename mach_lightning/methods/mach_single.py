@@ -19,13 +19,18 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mach_lightning.checkpoint_io import CheckpointError, load_checkpoint
-from mach_lightning.core.blocks import Component
 from mach_lightning.config import ConfigError
+from mach_lightning.core.blocks import Component
 from mach_lightning.core.inflight import functional_forward
-from mach_lightning.core.mach_blocks import EmbeddingOf, build_mach_component, embed_through, final_linear
-from mach_lightning.nets import build_backbone
+from mach_lightning.core.mach_blocks import (
+    EmbeddingOf,
+    build_mach_component,
+    embed_through,
+    final_linear,
+)
 from mach_lightning.methods import register_topology
 from mach_lightning.methods.mach_base import MachTopology
+from mach_lightning.nets import build_backbone
 
 UPSTREAM = 1  # the upstream's node index; its components are self.components[1:]
 

@@ -32,11 +32,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from mach_lightning.core.blocks import Component, build_optimizer, build_scheduler
-from mach_lightning.sim.lean_steps import DirectStep, lean_step_blockers
-from mach_lightning.sim.simtime import SimClock, SimLayout, slowdowns_from_config
 from mach_lightning.nets import build_backbone
+from mach_lightning.sim.lean_steps import DirectStep, lean_step_blockers
 from mach_lightning.sim.meter import DivergenceWatch, TrainMeter
 from mach_lightning.sim.rank_state import gather_from_ranks, state_of_rank
+from mach_lightning.sim.simtime import SimClock, SimLayout, slowdowns_from_config
 
 MAIN_HEAD = "main"
 
