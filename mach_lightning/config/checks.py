@@ -1,6 +1,7 @@
 """Checks of a merged config's section values: numbers in range and keys that depend on each
 other (staleness schedules, stale-gradient topologies, synthesizers, MACH), each naming the key
-and the fix. `mach_lightning/config/__init__.py` runs them from `validate_semantics` and re-exports them.
+and the fix. `mach_lightning/config/__init__.py` runs them from `validate_semantics` and
+re-exports them.
 """
 
 from __future__ import annotations
