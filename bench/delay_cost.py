@@ -28,7 +28,7 @@ from step_clock import WARMUP, StepClock, timed_run_overrides
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.methods import create_topology
+from mach_lightning.sim import create_topology
 
 
 def make_cfg(args, run_root: str, *overrides: str):
@@ -43,7 +43,7 @@ def make_cfg(args, run_root: str, *overrides: str):
             *timed_run_overrides(args.steps, run_root),
             "trainer.progress_bar=false",
             "diagnostics.cosine_every_n_steps=0",
-            f"topology.grad_mode={args.mode}",
+            f"delayed.grad_mode={args.mode}",
             *overrides,
         ],
     )

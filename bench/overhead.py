@@ -36,7 +36,7 @@ from step_clock import WARMUP, StepClock, timed_run_overrides
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.methods import create_topology
+from mach_lightning.sim import create_topology
 
 
 def make_cfg(args, k: int, run_root: str):

@@ -39,6 +39,7 @@ from torch import nn
 
 from mach_lightning import export_formats
 from mach_lightning.checkpoint_io import load_checkpoint
+from mach_lightning.config import migrate_legacy_keys
 from mach_lightning.data import DataError, TensorBatchLoader, create_datamodule
 from mach_lightning.export_cost import MIN_RUN_TIME, format_report, measure
 from mach_lightning.export_input import (
@@ -47,7 +48,7 @@ from mach_lightning.export_input import (
     input_spec,
     with_raw_inputs,
 )
-from mach_lightning.methods import TOPOLOGIES
+from mach_lightning.sim import create_topology
 
 FORMAT = "mach_lightning.standalone/2"
 # Files from before the input layer hold a component that expects prepared inputs, and no spec.
@@ -57,9 +58,9 @@ LEGACY_SPEC = {"raw": False, "expects": "inputs prepared as in training (constan
 
 def build_topology(config: dict, input_shape, num_classes: int):
     """The topology of a saved config, freshly initialised (weights are loaded by the caller)."""
-    cfg = OmegaConf.create(config)
+    cfg = OmegaConf.create(migrate_legacy_keys(config))  # a file from before the sections moved
     cfg.mach.upstream_ckpt = None  # the saved weights already hold the upstream
-    return TOPOLOGIES[cfg.topology.name](cfg, tuple(input_shape), num_classes)
+    return create_topology(cfg, tuple(input_shape), num_classes)
 
 
 def topology_from(ckpt: dict):
@@ -87,7 +88,7 @@ def run_data(model, data_root: str | None = None):
 
 
 def check_component(model, index: int) -> None:
-    if not hasattr(model, "standalone_model"):
+    if not hasattr(model.rule, "standalone_model"):
         raise ValueError(f"Topology '{model.name}' has no standalone components (MACH only).")
     if not 0 <= index < model.num_nodes():
         raise ValueError(

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         return _list()
+    import mach_lightning.methods  # noqa: F401  (registers the sections load_config composes)
     from mach_lightning.atomic import DiskFullError
     from mach_lightning.checkpoint_io import CheckpointError
     from mach_lightning.config import ConfigError, load_config

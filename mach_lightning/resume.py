@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mach_lightning.config import ConfigError
+from mach_lightning.config import ConfigError, migrate_legacy_keys
 
 IGNORED = (
     "resume",
@@ -89,9 +89,10 @@ class ResumePlan:
 
 def config_changes(cfg: DictConfig, saved: dict, source: str) -> dict[str, tuple[Any, Any]]:
     """The APPLIED settings that differ from the checkpoint's; any other difference is an error.
-    A key the checkpoint lacks (written by an older version) is taken as unchanged."""
+    A key the checkpoint lacks (written by an older version) is taken as unchanged; the old flat
+    topology keys are read as the section keys they became (config/legacy.py)."""
     now = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    was = _flatten(saved)
+    was = _flatten(migrate_legacy_keys(saved))
     differing = {
         k: (was[k], now.get(k))
         for k in sorted(was.keys() & now.keys())
@@ -147,6 +148,12 @@ def check_weights_fit(model, plan: ResumePlan) -> None:
     file is written (Lightning loads them again when fitting)."""
     if not plan.ckpt_path:
         return
+    from mach_lightning.sim.step import StateFormatError, check_state_format
+
+    try:
+        check_state_format(plan.checkpoint.get("topology_state", {}))
+    except StateFormatError as err:
+        raise ConfigError(f"Checkpoint {plan.ckpt_path}: {err}") from None
     try:
         model.load_state_dict(plan.checkpoint["state_dict"], strict=True)
     except (RuntimeError, KeyError) as err:

@@ -15,16 +15,18 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+# Importing the methods registers them and their config sections, which load_config composes.
+import mach_lightning.methods  # noqa: F401
 from mach_lightning import runs
 from mach_lightning.atomic import AtomicCheckpointIO
 from mach_lightning.callbacks import LastCheckpoint, ProgressBar
 from mach_lightning.checkpoint_io import lightning_loading
 from mach_lightning.config import ConfigError
 from mach_lightning.data import create_datamodule
-from mach_lightning.methods import create_topology
 from mach_lightning.resume import check_weights_fit, plan_resume
 from mach_lightning.run_lock import RunLock
 from mach_lightning.runs import DIVERGED, FINISHED, FINISHED_ALREADY
+from mach_lightning.sim import create_topology
 
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, Slurm's convention
 

@@ -68,10 +68,13 @@ stage "installing the pins and mach_lightning (editable)"
 
 # Every topology's losses against the golden values, a full run and its run directory, W&B
 # offline, config loading and errors, the launcher (dry runs, and one job through submitit's
-# local executor) and the report (matplotlib figures, the W&B Report object).
+# local executor), the report (matplotlib figures, the W&B Report object), the private Lightning
+# and submitit internals still in use (test_internals: the lower bounds are where they differ
+# most) and the layering (import-linter at its lower bound).
 stage "tests"
 "$VPY" -m pytest -p no:cacheprovider -q -x \
     tests/test_config.py tests/test_golden.py tests/test_launch.py \
+    tests/test_internals.py tests/test_layering.py \
     tests/test_fit.py::test_run_directory_holds_everything \
     tests/test_fit.py::test_wandb_goes_offline_without_a_key \
     tests/test_report.py::test_figures_and_html_are_written \

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import mach_lightning.data  # noqa: F401  (load_config needs the registries: config imports neither)
+import mach_lightning.methods  # noqa: F401
 from mach_lightning.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

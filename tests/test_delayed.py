@@ -16,8 +16,8 @@ from lightning.pytorch import Callback, Trainer
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from mach_lightning.config import Config, validate_semantics
-from mach_lightning.methods import create_topology
+from mach_lightning.config import composed_schema, validate_semantics
+from mach_lightning.sim import create_topology
 from mach_lightning.sim.diagnostics import cosine
 
 INPUT_SHAPE, CLASSES, BATCH, STEPS = (1, 8, 8), 10, 16, 8
@@ -37,7 +37,8 @@ def make_cfg(*overrides: str):
         "simtime.enabled=false",
         "seed=0",
     ]
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(base + [*overrides]))
+    schema = OmegaConf.structured(composed_schema())  # with the delayed section
+    cfg = OmegaConf.merge(schema, OmegaConf.from_dotlist(base + [*overrides]))
     validate_semantics(cfg)
     return cfg
 
@@ -46,7 +47,7 @@ def constant_delay_cfg(grad_mode: str, k: int):
     """`delayed` with every component k steps late."""
     return make_cfg(
         "topology.name=delayed",
-        f"topology.grad_mode={grad_mode}",
+        f"delayed.grad_mode={grad_mode}",
         "staleness.schedule=constant",
         f"staleness.k={k}",
     )
@@ -127,7 +128,7 @@ def test_zero_delays_reproduce_sync_weights(grad_mode):
     flags = ("optim.name=adam", "optim.lr=0.01", "staleness.schedule=constant", "staleness.k=0")
     sync, _ = train(make_cfg(*flags, "topology.name=sync"), batches)
     delayed, _ = train(
-        make_cfg(*flags, "topology.name=delayed", f"topology.grad_mode={grad_mode}"), batches
+        make_cfg(*flags, "topology.name=delayed", f"delayed.grad_mode={grad_mode}"), batches
     )
     for (name, expected), got in zip(
         sync.components.state_dict().items(), delayed.components.state_dict().values()
@@ -175,7 +176,7 @@ def test_pipeline_recompute_replays_the_old_input_at_the_current_weights():
     model, _ = train(
         make_cfg(
             "topology.name=delayed",
-            "topology.grad_mode=recompute",
+            "delayed.grad_mode=recompute",
             "model.num_components=2",
             "staleness.schedule=pipeline",
         ),
@@ -209,7 +210,7 @@ def test_dcasgd_compensates_with_the_stashed_weights():
             "staleness.schedule=constant",
             f"staleness.k={k}",
             f"optim.lr={lr}",
-            f"topology.dcasgd_lambda={lam}",
+            f"delayed.dcasgd_lambda={lam}",
         ),
         batches,
         recorder,
@@ -233,7 +234,7 @@ def test_random_schedule_runs_are_reproducible_from_the_seed():
     a, b, c = (list(m.components.state_dict().values()) for m in runs)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
-    histogram = runs[0].staleness.histograms
+    histogram = runs[0].diagnostics.staleness.histograms
     assert sum(histogram[2].values()) > 0 and max(max(h) for h in histogram if h) <= 3
 
 
@@ -252,7 +253,7 @@ def test_diagnostics_report_the_applied_staleness_and_cosine():
     assert metrics["diag/cos_c0"] < 0.9999 and metrics["diag/inflight_mb"] > 0
     assert metrics["time/sim_step_ms"] > 0 and metrics["time/sim_elapsed_s"] > 0
     # batches are held only until their last update: what is left lands after the last step
-    assert all(b["until"] >= STEPS for b in model.probe.batches.values())
+    assert all(b["until"] >= STEPS for b in model.diagnostics.probe.batches.values())
 
 
 def test_cosine_is_against_the_same_batch_at_the_current_weights():
@@ -285,7 +286,7 @@ def test_inflight_memory_grows_linearly_with_the_delay(grad_mode):
             constant_delay_cfg(grad_mode, k),
             make_batches(),
         )
-        assert len(model.queue) == k
+        assert all(len(node.stored) == k for node in model.driver.nodes)
         held[k] = model.inflight_bytes()
     assert held[2] == 2 * held[1] and held[4] == 4 * held[1]
     params = sum(p.numel() * 4 for p in model.parameters())

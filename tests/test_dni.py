@@ -1,17 +1,28 @@
-"""Synthetic gradients (dni, cdni): regression targets, an untouched base model, oracle = sync."""
+"""Synthetic gradients (dni, cdni): regression targets, an untouched base model, oracle = sync.
+
+The white-box tests drive the rule's nodes with the simulator's `LockstepDriver` directly: a
+boundary's true gradient is observed where the rule puts it, in the TARGET message a node sends
+itself (delay > 0), or in the synthesizer's gradient when it regresses inside the backward (0).
+"""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mach_lightning.config import load_config
-from mach_lightning.core.synth import GradientSynthesizer
+from mach_lightning.core.blocks import build_optimizer
+from mach_lightning.core.messages import TARGET
+from mach_lightning.core.synth import GradientSynthesizer, synthesizer_loss
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.methods import TOPOLOGIES, create_topology
+from mach_lightning.methods import TOPOLOGIES
 from mach_lightning.methods.dni import DNI
+from mach_lightning.sim import create_topology
+from mach_lightning.sim.driver import LockstepDriver
 
 from .conftest import fit_cli, tiny_overrides
 from .resume_check import resumed_equals_uninterrupted
@@ -21,14 +32,15 @@ INPUT_SHAPE, CLASSES, BATCH = (1, 8, 8), 10, 16
 SMALL = ("model.width=32", "model.embedding_dim=16", "synth.hidden=24", "mach.student_width=24")
 
 
-def make_dni(tmp_path, *extra: str, name: str = "dni", cls=None):
+def make_dni(tmp_path, *extra: str, name: str = "dni"):
+    """The rule (3 components) and a driver running its nodes; synthesizers not all zero."""
     overrides = [f"topology.name={name}", "model.num_components=3", *SMALL, *extra]
     cfg = load_config(None, tiny_overrides(tmp_path, *overrides))
     torch.manual_seed(0)
-    model = (cls or TOPOLOGIES[name])(cfg, INPUT_SHAPE, CLASSES)
-    for synthesizer in model.synthesizers:  # a learnt synthesizer: predictions are not all zero
+    rule = TOPOLOGIES[name](cfg, INPUT_SHAPE, CLASSES)
+    for synthesizer in rule.synthesizers:  # a learnt synthesizer: predictions are not all zero
         torch.nn.init.normal_(synthesizer.net[-1].weight, std=0.1)
-    return model
+    return rule, LockstepDriver(rule, rule.nodes())
 
 
 def batch(seed: int = 0):
@@ -36,6 +48,56 @@ def batch(seed: int = 0):
     return torch.randn(BATCH, *INPUT_SHAPE, generator=generator), torch.randint(
         0, CLASSES, (BATCH,), generator=generator
     )
+
+
+def run_step(rule, driver, step: int, delay: int):
+    """One simulator step of every node on batch(step): forward, one backward, the follow-ups
+    (no optimizer step: the weights stay those of the start)."""
+    for module in rule.modules().values():
+        module.zero_grad(set_to_none=True)
+    x, y = batch(step)
+    result = driver.forward(x, y, step, [delay] * len(rule.components))
+    result.objective.backward()
+    driver.after_backward(result, step)
+    return result
+
+
+def activations(rule, x) -> list[torch.Tensor]:
+    """h_i after every component but the last, at the current weights."""
+    out, h = [], x
+    with torch.no_grad():
+        for component in rule.components[:-1]:
+            h = component(h)
+            out.append(h)
+    return out
+
+
+def targets_in_flight(driver, batch_index: int) -> list[torch.Tensor]:
+    """The per-example targets (B * dL/dh) of a batch on their way, by boundary."""
+    pending = sorted(driver.in_flight.pending(), key=lambda m: m.receiver)
+    messages = [m for m in pending if m.kind == TARGET and m.batch == batch_index]
+    # Each node sends its own synthesizer its target; the message holds dL/dh.
+    assert [(m.sender, m.receiver) for m in messages] == [(0, 0), (1, 1)]
+    return [m.tensor * BATCH for m in messages]
+
+
+def assert_regressed_on(rule, index: int, h, y, target) -> None:
+    """Synthesizer `index`'s gradient is its regression's onto `target` (delay 0)."""
+    synthesizer = copy.deepcopy(rule.synthesizers[index])
+    loss = synthesizer_loss(synthesizer(h, y), target)
+    expected = torch.autograd.grad(loss, list(synthesizer.parameters()))
+    for p, g in zip(rule.synthesizers[index].parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def assert_targets(rule, driver, delay: int, expected: list[torch.Tensor]) -> None:
+    x, y = batch(0)
+    if delay > 0:
+        for got, want in zip(targets_in_flight(driver, 0), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        return
+    for i, (h, want) in enumerate(zip(activations(rule, x), expected, strict=True)):
+        assert_regressed_on(rule, i, h, y, want)
 
 
 def full_network_gradients(model, x, y) -> list[torch.Tensor]:
@@ -48,86 +110,87 @@ def full_network_gradients(model, x, y) -> list[torch.Tensor]:
     return [g * BATCH for g in torch.autograd.grad(loss, activations)]
 
 
+@pytest.mark.parametrize("delay", [0, 1])
 @pytest.mark.parametrize("name", ["dni", "cdni"])
-def test_regression_target_is_the_true_gradient_at_the_boundary(tmp_path, name):
+def test_regression_target_is_the_true_gradient_at_the_boundary(tmp_path, name, delay):
     # During warm-up every component passes the true gradient down: every target is backprop's.
-    model = make_dni(
-        tmp_path, "synth.warmup_steps=10", "staleness.schedule=constant", "staleness.k=0", name=name
+    rule, driver = make_dni(
+        tmp_path,
+        "synth.warmup_steps=10",
+        "staleness.schedule=constant",
+        f"staleness.k={delay}",
+        name=name,
     )
-    x, y = batch()
-    objective, _, _, boundaries = model.step_objective(x, y)
-    objective.backward()
-    for boundary, true in zip(boundaries, full_network_gradients(model, x, y)):
-        torch.testing.assert_close(boundary.target, true, rtol=1e-5, atol=1e-7)
+    run_step(rule, driver, 0, delay)
+    assert_targets(rule, driver, delay, full_network_gradients(rule, *batch(0)))
 
 
-def test_regression_target_after_warmup_is_the_successors_gradient_pushed_back(tmp_path):
-    model = make_dni(tmp_path, "staleness.schedule=constant", "staleness.k=0")
-    x, y = batch()
-    objective, _, _, boundaries = model.step_objective(x, y)
-    objective.backward()
+@pytest.mark.parametrize("delay", [0, 1])
+def test_regression_target_after_warmup_is_the_successors_gradient_pushed_back(tmp_path, delay):
+    rule, driver = make_dni(tmp_path, "staleness.schedule=constant", f"staleness.k={delay}")
+    run_step(rule, driver, 0, delay)
+    x, y = batch(0)
+    h0, h1 = activations(rule, x)
     # The last boundary's successor sees the real loss: its target is the full network's gradient.
-    torch.testing.assert_close(boundaries[-1].target, full_network_gradients(model, x, y)[-1])
+    last = full_network_gradients(rule, x, y)[-1]
     # The one below: the successor's synthetic gradient pushed back through the successor.
-    h = boundaries[0].activation.clone().requires_grad_()
-    pushed = (model.components[1](h) * boundaries[1].prediction / BATCH).sum()
+    h = h0.clone().requires_grad_()
+    pushed = (rule.components[1](h) * rule.synthetic_gradient(1, h1, y).detach() / BATCH).sum()
     (expected,) = torch.autograd.grad(pushed, h)
-    torch.testing.assert_close(boundaries[0].target, expected * BATCH)
+    assert_targets(rule, driver, delay, [expected * BATCH, last])
 
 
 @pytest.mark.parametrize("delay", [0, 2])
 def test_synthesizer_update_leaves_the_base_model_alone(tmp_path, delay):
-    model = make_dni(
+    rule, driver = make_dni(
         tmp_path, "staleness.schedule=constant", f"staleness.k={delay}", "synth.scale=0.5"
     )
     for step in range(delay + 1):  # with a delay, the first targets arrive at step `delay`
-        x, y = batch(step)
-        model.zero_grad(set_to_none=True)
-        objective, _, _, boundaries = model.step_objective(x, y)
-        objective.backward()
-        model.after_backward(boundaries, y)
-        model.batch_step += 1
+        run_step(rule, driver, step, delay)
     # Each component's gradient is exactly its synthetic-gradient surrogate's (scaled), no more.
+    x, y = batch(delay)
     h = x
-    for i, boundary in enumerate(boundaries):
-        out = model.components[i](h)
-        params = list(model.components[i].parameters())
-        expected = torch.autograd.grad((out * boundary.prediction / BATCH).sum(), params)
+    for i in range(len(rule.synthesizers)):
+        out = rule.components[i](h)
+        prediction = rule.synthetic_gradient(i, out.detach(), y).detach()
+        params = list(rule.components[i].parameters())
+        expected = torch.autograd.grad((out * prediction / BATCH).sum(), params)
         for p, g in zip(params, expected):
             torch.testing.assert_close(p.grad, 0.5 * g)
         h = out.detach()
     assert all(
         p.grad is not None and p.grad.abs().sum() > 0
-        for s in model.synthesizers
+        for s in rule.synthesizers
         for p in s.net[-1].parameters()
     )
-    # The synthesizers' optimizer step changes them and not a single base weight.
-    before = [p.detach().clone() for p in model.components.parameters()]
-    synth_before = [p.detach().clone() for p in model.synthesizers.parameters()]
-    optimizers, _ = model.configure_optimizers()
-    for optimizer in optimizers[len(model.components) :]:
+    # Node i steps optimizers i and K + i; the synthesizers' step changes them and no base weight.
+    k = len(rule.components)
+    assert [n.optimizers for n in rule.nodes()] == [[0, k], [1, k + 1], [2]]
+    before = [p.detach().clone() for p in rule.components.parameters()]
+    synth_before = [p.detach().clone() for p in rule.synthesizers.parameters()]
+    optimizers = [build_optimizer(params, optim) for params, optim in rule.optimizer_groups()]
+    assert all(type(o) is torch.optim.Adam for o in optimizers[k:])  # synth.optimizer
+    assert all(o.param_groups[0]["lr"] == rule.cfg.synth.lr for o in optimizers[k:])
+    for optimizer in optimizers[k:]:
         optimizer.step()
-    assert all(torch.equal(a, p) for a, p in zip(before, model.components.parameters()))
-    assert any(not torch.equal(a, p) for a, p in zip(synth_before, model.synthesizers.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, rule.components.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(synth_before, rule.synthesizers.parameters()))
 
 
 def test_delayed_targets_arrive_late_and_survive_a_checkpoint(tmp_path):
-    model = make_dni(tmp_path, "staleness.schedule=constant", "staleness.k=2")
+    rule, driver = make_dni(tmp_path, "staleness.schedule=constant", "staleness.k=2")
     targets = []
     for step in range(2):
-        x, y = batch(step)
-        objective, _, _, boundaries = model.step_objective(x, y)
-        objective.backward()
-        model.after_backward(boundaries, y)
-        targets.append([b.target for b in boundaries])
-        model.batch_step += 1
-    state = model.topology_state_dict()
-    restored = make_dni(tmp_path, "staleness.schedule=constant", "staleness.k=2")
-    restored.load_topology_state_dict(state)
-    due = restored.targets_in_flight.due(2)  # batch 0's targets, two steps late
-    assert [key for key, _ in due] == [(0, 0), (0, 1)]
-    for (_, boundary), item in due:
-        torch.testing.assert_close(item["target"], targets[0][boundary])
+        run_step(rule, driver, step, 2)
+        targets.append(targets_in_flight(driver, step))
+    state = copy.deepcopy(driver.state_dict())
+    _, restored = make_dni(tmp_path, "staleness.schedule=constant", "staleness.k=2")
+    restored.load_state_dict(state)
+    due = restored.in_flight.take_due(2)  # batch 0's targets, two steps late
+    assert [(m.kind, m.batch, m.receiver) for m in due] == [(TARGET, 0, 0), (TARGET, 0, 1)]
+    for message in due:
+        torch.testing.assert_close(message.tensor * BATCH, targets[0][message.receiver])
+        assert set(message.context) == {"activation", "labels"}
 
 
 class OracleDNI(DNI):
@@ -151,7 +214,7 @@ def train_steps(model, cfg, tmp_path, steps: int):
     return {k: v.detach() for k, v in model.components.state_dict().items()}
 
 
-def test_oracle_synthesizer_makes_dni_equal_sync(tmp_path):
+def test_oracle_synthesizer_makes_dni_equal_sync(tmp_path, monkeypatch):
     steps = 4
     overrides = tiny_overrides(
         tmp_path,
@@ -168,8 +231,10 @@ def test_oracle_synthesizer_makes_dni_equal_sync(tmp_path):
     dni_cfg = load_config(None, [*overrides, "topology.name=dni"])
     torch.manual_seed(0)
     sync = create_topology(sync_cfg, INPUT_SHAPE, CLASSES)
+    monkeypatch.setitem(TOPOLOGIES, "dni", OracleDNI)  # the simulator builds the oracle rule
     torch.manual_seed(0)
-    oracle = OracleDNI(dni_cfg, INPUT_SHAPE, CLASSES)
+    oracle = create_topology(dni_cfg, INPUT_SHAPE, CLASSES)
+    assert isinstance(oracle.rule, OracleDNI)
     expected = train_steps(sync, sync_cfg, tmp_path, steps)
     got = train_steps(oracle, dni_cfg, tmp_path, steps)
     assert expected.keys() == got.keys()
@@ -196,7 +261,8 @@ def test_resume_with_targets_in_flight_is_exact(tiny_cfg, monkeypatch):
         "model.width=64",
         "synth.hidden=32",
     )
-    assert sorted(tuple(t["key"]) for t in at_cut["targets"]) == [
+    in_flight = at_cut["driver"]["in_flight"]
+    assert sorted((m["batch"], m["receiver"]) for m in in_flight if m["kind"] == TARGET) == [
         (14, 0),
         (14, 1),
         (15, 0),

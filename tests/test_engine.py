@@ -1,4 +1,5 @@
-"""The stale-gradient engine on its own: schedules, queues, DC-ASGD, simulated time, diagnostics."""
+"""The simulator's machinery on its own: schedules, stored forwards, replay buffers, weights,
+DC-ASGD, simulated time, diagnostics."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ import copy
 
 import pytest
 import torch
-from mach_lightning.engine import delay, diagnostics
 from omegaconf import OmegaConf
 from torch import nn
 
 from mach_lightning.config import Config, ConfigError, load_config
+from mach_lightning.core import weights
 from mach_lightning.core.dcasgd import DCASGD
+from mach_lightning.core.replay import ReplayBuffer
+from mach_lightning.core.stored import StoredForwards
+from mach_lightning.sim import diagnostics
 from mach_lightning.sim.simtime import SimClock, SimLayout
 from mach_lightning.sim.staleness import create_schedule, list_schedules
 
@@ -87,7 +91,7 @@ def test_straggler_works_one_step_in_factor():
         (["staleness.p=0"], "staleness.p"),
         (["staleness.straggler_factor=0.5"], "straggler_factor"),
         (["staleness.schedule=straggler", "staleness.straggler_component=2"], "use 0..1"),
-        (["topology.async_buffer=-2"], "async_buffer"),
+        (["local.async_buffer=-2"], "async_buffer"),
         (["simtime.link_bandwidth_gbs=0"], "link_bandwidth_gbs"),
     ],
 )
@@ -99,34 +103,30 @@ def test_semantic_checks_name_the_key(overrides, message):
 # ----- queues, buffers, weights -----
 
 
-def test_delay_queue_round_trips_without_transient_graphs():
-    queue = delay.DelayQueue()
-    queue.push(
-        (3, 0),
-        5,
-        {
-            "input": torch.ones(2, 4),
-            "weights": [{"w": torch.zeros(3)}],
-            "_out": torch.ones(1, requires_grad=True),
-        },
-    )
-    queue.push((4, 0), 5, {"input": torch.ones(2, 4)})
-    assert [k for k, _ in queue.due(5)] == [(3, 0), (4, 0)] and queue.due(4) == []
-    assert queue.held_bytes() == 2 * 32 + 12 + 4
-    restored = delay.DelayQueue()
-    restored.load_state_dict(copy.deepcopy(queue.state_dict()))
-    assert "_out" not in restored.get((3, 0)) and restored.get((3, 0))["due"] == 5
-    assert torch.equal(restored.get((3, 0))["weights"][0]["w"], torch.zeros(3))
+def test_stored_forwards_round_trip_without_transient_graphs():
+    layer = nn.Linear(4, 3)
+    stored = StoredForwards("stash", [layer])
+    run = lambda w, h: weights.functional_forward(layer, w[0], h)  # noqa: E731
+    stored.forward(3, run, (torch.ones(2, 4),), due=5)
+    stored.forward(4, run, (torch.ones(2, 4),), due=5)
+    assert stored.due(5) == [3, 4] and stored.due(4) == []
+    assert "_out" in stored.records[3]  # the kept graph, never checkpointed
+    restored = StoredForwards("stash", [layer])
+    restored.load_state_dict(copy.deepcopy(stored.state_dict()))
+    assert "_out" not in restored.records[3] and restored.records[3]["due"] == 5
+    assert torch.equal(restored.weights(3)[0]["weight"], layer.weight.detach())
+    # inputs (2 x 32 bytes), weight copies (2 x 60) once each: no graph after the round trip
+    assert restored.held_bytes() == 2 * 32 + 2 * 60
 
 
 def test_replay_buffer_keeps_the_last_capacity_items_and_samples_from_seed():
-    buffer = delay.ReplayBuffer(3)
+    buffer = ReplayBuffer(3)
     for step in range(5):
         buffer.append({"step": step})
     assert sorted(e["step"] for e in buffer.entries) == [2, 3, 4]
     pick = [buffer.sample(torch.Generator().manual_seed(s))["step"] for s in range(20)]
     assert pick == [buffer.sample(torch.Generator().manual_seed(s))["step"] for s in range(20)]
-    restored = delay.ReplayBuffer(3)
+    restored = ReplayBuffer(3)
     restored.load_state_dict(buffer.state_dict())
     restored.append({"step": 5})
     assert sorted(e["step"] for e in restored.entries) == [3, 4, 5]
@@ -139,7 +139,7 @@ def test_stashed_params_give_the_old_weights_gradient_to_the_live_ones():
     x = torch.randn(5, 4)
     with torch.no_grad():
         layer.weight.add_(1.0)  # an optimizer step happened since
-    delay.functional_forward(layer, delay.stashed_params(layer, old), x).pow(2).sum().backward()
+    weights.functional_forward(layer, weights.stashed_params(layer, old), x).pow(2).sum().backward()
     reference = nn.Linear(4, 3)
     reference.load_state_dict(old)
     reference(x).pow(2).sum().backward()
@@ -149,7 +149,7 @@ def test_stashed_params_give_the_old_weights_gradient_to_the_live_ones():
 def test_frozen_buffers_restore_batchnorm_statistics():
     bn = nn.BatchNorm1d(4)
     before = copy.deepcopy(bn.state_dict())
-    with delay.frozen_buffers(bn):
+    with weights.frozen_buffers(bn):
         bn(torch.randn(8, 4))
     assert all(torch.equal(before[k], v) for k, v in bn.state_dict().items())
 

@@ -13,8 +13,8 @@ import torch
 
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import ProgressBar, build_trainer, run_fit
-from mach_lightning.methods import create_topology
 from mach_lightning.runs import RunCSVLogger
+from mach_lightning.sim import create_topology
 from mach_lightning.sim.meter import TrainMeter
 
 from .conftest import fit_cli, tiny_overrides

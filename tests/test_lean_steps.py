@@ -11,8 +11,8 @@ from lightning.pytorch import Callback, Trainer
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.methods import create_topology
 from mach_lightning.methods.sync import Sync
+from mach_lightning.sim import create_topology
 from mach_lightning.sim.lean_steps import lean_step_blockers
 
 from .conftest import tiny_overrides

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mach_lightning.core.messages import GRADIENT
+
 from .conftest import fit_cli
 from .resume_check import resumed_equals_uninterrupted
 from .test_delayed import (
@@ -82,7 +84,7 @@ def test_delayed_inputs_are_the_activations_of_batch_t_minus_k():
 def test_async_buffer_with_a_straggler_trains_on_stale_samples():
     flags = (
         "topology.name=local",
-        "topology.async_buffer=3",
+        "local.async_buffer=3",
         "staleness.schedule=straggler",
         "staleness.straggler_component=1",
         "staleness.straggler_factor=2",
@@ -91,11 +93,12 @@ def test_async_buffer_with_a_straggler_trains_on_stale_samples():
     )
     batches = make_batches(12)
     model, trainer = train(make_cfg(*flags), batches)
-    hist = model.staleness.histograms
+    hist = model.diagnostics.staleness.histograms
     assert dict(hist[0]) == {0: 12}  # component 0 reads the data, every step
     assert sum(hist[1].values()) == 6  # the straggler works one step in two
     assert min(hist[2]) >= 1 and sum(hist[2].values()) == 10  # buffer empty until step 2
-    assert all(len(b) <= 3 for b in model.buffers)
+    buffers = model.rule.buffers()
+    assert sorted(buffers) == [1, 2] and all(0 < len(b) <= 3 for b in buffers.values())
     assert model.sim_layout().rates == [1.0, 0.5, 1.0]
     assert (
         "diag/cos_c0" in trainer.callback_metrics and "time/sim_step_ms" in trainer.callback_metrics
@@ -111,8 +114,8 @@ def test_mlp_head_and_conv_features_pool_to_a_small_head():
     model, _ = train(
         make_cfg(
             "topology.name=local",
-            "topology.aux_head=mlp",
-            "topology.aux_hidden=7",
+            "local.aux_head=mlp",
+            "local.aux_hidden=7",
             "model.backbone=cnn",
             "model.channels=[4,8]",
             "staleness.schedule=constant",
@@ -136,13 +139,16 @@ def test_resume_mid_epoch_with_gradients_in_flight_is_exact(tiny_cfg, monkeypatc
         tiny_cfg,
         monkeypatch,
         "topology.name=delayed",
-        f"topology.grad_mode={grad_mode}",
+        f"delayed.grad_mode={grad_mode}",
         "staleness.schedule=pipeline",
     )
-    in_flight = at_cut["queue"]
-    assert len(in_flight) == 3  # batch 15's bottom segment, batch 16's two lower ones
-    assert any("grad" in item for item in in_flight)  # a gradient message was in transit
-    assert ("weights" in in_flight[0]) == (grad_mode == "stash")
+    driver = at_cut["driver"]
+    stored = {node: sorted(records) for node, records in driver["stored"].items()}
+    assert stored == {0: [14, 15], 1: [15], 2: []}  # the forwards whose gradient is still due
+    gradients = [m for m in driver["in_flight"] if m["kind"] == GRADIENT]
+    # in transit to the nodes applying them next step: batch 14's to node 0, 15's to node 1
+    assert [(m["batch"], m["sender"], m["receiver"]) for m in gradients] == [(14, 1, 0), (15, 2, 1)]
+    assert ("weights" in driver["stored"][0][14]) == (grad_mode == "stash")
 
 
 @pytest.mark.ddp
@@ -153,7 +159,7 @@ def test_resume_mid_epoch_with_gradients_in_flight_is_exact(tiny_cfg, monkeypatc
         ("topology.name=delayed", "staleness.schedule=pipeline"),
         (
             "topology.name=local",
-            "topology.async_buffer=4",
+            "local.async_buffer=4",
             "staleness.schedule=straggler",
             "staleness.straggler_component=1",
             "staleness.straggler_factor=3",
@@ -188,7 +194,7 @@ def test_one_backward_per_step_runs_under_plain_ddp(tmp_path, flags):
     [
         ("staleness.schedule=pipeline",),
         (
-            "topology.async_buffer=4",
+            "local.async_buffer=4",
             "staleness.schedule=straggler",
             "staleness.straggler_factor=2.5",
         ),
@@ -197,5 +203,7 @@ def test_one_backward_per_step_runs_under_plain_ddp(tmp_path, flags):
 )
 def test_resume_mid_epoch_with_activations_in_flight_is_exact(tiny_cfg, monkeypatch, flags):
     at_cut = resumed_equals_uninterrupted(tiny_cfg, monkeypatch, "topology.name=local", *flags)
-    held = len(at_cut["queue"]) + sum(len(b["entries"]) for b in at_cut["buffers"])
-    assert held > 0
+    driver = at_cut["driver"]
+    inputs = sum(len(records) for records in driver["stored"].values())  # delayed inputs
+    samples = sum(len(b["entries"]) for b in driver["rule"]["buffers"].values())  # async
+    assert inputs + samples > 0

@@ -34,7 +34,7 @@ def wide_report(tmp_path):
                 "model.num_components=4",
                 "staleness.schedule=constant",
             ]
-            seq += [f"staleness.k={k}", f"topology.grad_mode={mode}", "optim.lr=3e-4"]
+            seq += [f"staleness.k={k}", f"mach.grad_mode={mode}", "optim.lr=3e-4"]
             make_run(root, f"seq-{k}", seed, 0.96, *seq, components=comps)
         dni = ["topology.name=dni", "model.num_components=4", "optim.lr=5e-4", "synth.lr=0.001"]
         make_run(root, "dni", seed, 0.95, *dni, "optim.scheduler=cosine", "optim.weight_decay=0.01")

@@ -9,15 +9,11 @@ import torch
 from lightning.pytorch import Callback, seed_everything
 
 from mach_lightning.config import load_config
+from mach_lightning.core.rule import Rule
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
-from mach_lightning.methods import (
-    TOPOLOGIES,
-    create_topology,
-    list_topologies,
-    register_topology,
-)
-from mach_lightning.sim.module import TopologyModule
+from mach_lightning.methods import TOPOLOGIES, list_topologies, register_topology
+from mach_lightning.sim import create_topology
 
 from .conftest import tiny_overrides
 
@@ -88,11 +84,11 @@ def test_lean_steps_change_nothing_but_speed(name, tmp_path):
 @pytest.mark.parametrize("name", list_topologies())
 def test_topology_is_registered_under_its_name(name):
     cls = TOPOLOGIES[name]
-    assert issubclass(cls, TopologyModule) and cls.name == name
+    assert issubclass(cls, Rule) and cls.name == name
 
 
 def test_registry_refuses_nameless_and_duplicate_topologies():
     with pytest.raises(TypeError, match="name"):
-        register_topology(type("Nameless", (TopologyModule,), {}))
+        register_topology(type("Nameless", (Rule,), {}))
     with pytest.raises(ValueError, match="already taken"):
-        register_topology(type("Imposter", (TopologyModule,), {"name": "sync"}))
+        register_topology(type("Imposter", (Rule,), {"name": "sync"}))

@@ -1,20 +1,21 @@
-"""Structured configuration: loading and validation (the schema is in config_schema.py).
+"""Structured configuration: loading and validation (the base schema is in config/schema.py).
 
 A run's config is built in layers, each later one winning:
   schema defaults -> configs/default.yaml -> the experiment file (--config) -> key=value overrides.
+The schema is composed when loading: the base sections plus each registered method's own section
+(config/sections.py). This package imports nothing above it, so whoever loads a config imports
+the registries first (mach_lightning.methods, mach_lightning.data); every entry point does.
 Every layer is validated as it is merged, so an unknown key, a wrong type or a bad choice stops the
 run before any work, with a message naming the key, the layer it came from and the valid choices.
 """
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 # Re-exported: callers import the schema, the error and every check from mach_lightning.config.
@@ -25,23 +26,42 @@ from mach_lightning.config.checks import (  # noqa: F401
     validate_staleness,
     validate_synth_and_mach,
 )
+from mach_lightning.config.legacy import (  # noqa: F401
+    MOVED_KEYS,
+    migrate_legacy_keys,
+    moved_keys_in,
+    moved_message,
+)
 from mach_lightning.config.resources import CONFIGS, data_dir, packaged
 from mach_lightning.config.schema import (  # noqa: F401
     Config,
     DataConfig,
     DiagnosticsConfig,
     LoggerConfig,
-    MachConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
     SimTimeConfig,
     StalenessConfig,
-    SynthConfig,
     TopologyConfig,
     TrainerConfig,
     WandbConfig,
 )
+from mach_lightning.config.sections import (  # noqa: F401
+    SECTIONS,
+    compose,
+    config_section,
+    register_section,
+    section_name,
+    sections_of,
+)
+from mach_lightning.config.trainer_values import (  # noqa: F401
+    TRAINER_PRECISIONS,
+    TRAINER_STRATEGIES,
+    validate_trainer_values,
+)
+from mach_lightning.config.trainer_values import choice_error as _choice_error
+from mach_lightning.config.trainer_values import suggest as _suggest
 from mach_lightning.config.yamlfile import load_yaml, nearest_file
 
 # The experiment files shipped in the package (a checkout's package folder links to configs/).
@@ -78,11 +98,6 @@ def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     return keys
 
 
-def _suggest(key: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f" Did you mean {close[0]}?" if close else ""
-
-
 def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     if isinstance(err, ConfigKeyError):
@@ -102,6 +117,9 @@ def _explain(err: OmegaConfBaseException, source: str, schema: DictConfig) -> Co
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str, schema: DictConfig) -> DictConfig:
+    moved = moved_keys_in(_all_keys(layer))
+    if moved:  # before OmegaConf's unknown-key error, which cannot say where the key went
+        raise ConfigError(f"{moved_message(moved[0])} (in {source}).")
     try:
         merged = OmegaConf.merge(base, layer)
     except OmegaConfBaseException as err:
@@ -174,13 +192,6 @@ def _parse_override(text: str) -> DictConfig:
         ) from None
 
 
-def _choice_error(key: str, value: Any, choices: list[str], source: str) -> ConfigError:
-    return ConfigError(
-        f"'{key}={value}' (from {source}) is not a valid choice.{_suggest(str(value), choices)} "
-        f"Valid choices: {', '.join(choices)}."
-    )
-
-
 def _check_choices(cfg: DictConfig, sources: dict[str, str]) -> None:
     for key, choices_fn in CHOICES.items():
         value = OmegaConf.select(cfg, key, default=None)
@@ -199,10 +210,21 @@ def _check_missing(cfg: DictConfig, sources: dict[str, str]) -> None:
         )
 
 
-def _import_registries() -> None:
-    """Importing the registries fills CHOICES (topology, dataset and schedule names)."""
-    import mach_lightning.data  # noqa: F401
-    import mach_lightning.methods  # noqa: F401
+# The registries a config is checked against: the key each fills, the module that fills it.
+REGISTRIES = {"topology.name": "mach_lightning.methods", "data.name": "mach_lightning.data"}
+
+
+def composed_schema(base: type = Config) -> type:
+    """The run config's schema: `base` plus every registered method's section, one dataclass."""
+    missing = [module for key, module in REGISTRIES.items() if key not in CHOICES]
+    if missing:
+        # Importing them here would make config import the layers above it (a cycle).
+        raise ConfigError(
+            f"No method or dataset is registered ({', '.join(missing)} not imported), so the "
+            f"config cannot be composed or checked. Import mach_lightning.methods and "
+            f"mach_lightning.data before calling load_config (the entry points do)."
+        )
+    return compose(base)
 
 
 def load_config(
@@ -211,8 +233,7 @@ def load_config(
     schema_cls: type = Config,
 ) -> DictConfig:
     """Build and validate a run config: schema, default.yaml, experiment file, overrides."""
-    _import_registries()
-    schema = OmegaConf.structured(schema_cls)
+    schema = OmegaConf.structured(composed_schema(schema_cls))
     cfg = schema
     sources: dict[str, str] = {}
     layers = [(DEFAULT_CONFIG, _read_yaml(DEFAULT_CONFIG))]
@@ -257,71 +278,3 @@ def validate_semantics(cfg: DictConfig, sources: dict[str, str] | None = None) -
     validate_trainer_values(cfg, sources or {})
     validate_staleness(cfg)
     validate_synth_and_mach(cfg)
-
-
-# What Lightning 2.x's Trainer accepts, hard-coded so that loading a config never imports Lightning
-# (slow); tests/test_config_errors.py checks both lists against Lightning's own, so an upgrade
-# that changes them fails there instead of at Trainer construction on a cluster.
-TRAINER_STRATEGIES = """
-    auto ddp ddp_spawn ddp_fork ddp_notebook
-    ddp_find_unused_parameters_false ddp_find_unused_parameters_true
-    ddp_spawn_find_unused_parameters_false ddp_spawn_find_unused_parameters_true
-    ddp_fork_find_unused_parameters_false ddp_fork_find_unused_parameters_true
-    ddp_notebook_find_unused_parameters_false ddp_notebook_find_unused_parameters_true
-    deepspeed deepspeed_stage_1 deepspeed_stage_2 deepspeed_stage_2_offload deepspeed_stage_3
-    deepspeed_stage_3_offload deepspeed_stage_3_offload_nvme fsdp fsdp_cpu_offload
-    single_device single_xla xla_debug xla single_tpu
-""".split()
-TRAINER_PRECISIONS = """
-    32-true 32 64-true 64 16-mixed 16 bf16-mixed bf16 16-true bf16-true
-    transformer-engine transformer-engine-float16
-""".split()
-DEVICES_FORMS = (
-    "auto, a positive number of devices per node (-1: all of them), or GPU indices as a list or "
-    "a comma-separated string (trainer.devices=[0,1] or trainer.devices='0,1')"
-)
-
-
-def _device_ids(value: Any) -> int | list[int] | str | None:
-    """trainer.devices as Lightning reads it ('auto', a count or indices), None if it cannot."""
-    if isinstance(value, bool):
-        return None  # bool is an int to Python, but devices=true is a mistake
-    if value == "auto" or isinstance(value, int):
-        return value
-    if isinstance(value, (list, ListConfig)):
-        ok = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        return list(value) if ok else None
-    if isinstance(value, str):
-        parts = [p for p in value.split(",") if p.strip()]  # Lightning drops empty parts: "0,"
-        try:
-            ids = [int(p) for p in parts]
-        except ValueError:
-            return None
-        return ids if "," in value else (ids[0] if ids else None)
-    return None
-
-
-def validate_trainer_values(cfg: DictConfig, sources: dict[str, str]) -> None:
-    """trainer.devices, .precision and .strategy as Lightning's Trainer will check them."""
-    t = cfg.trainer
-    for key, value, choices in (
-        ("trainer.strategy", t.strategy, TRAINER_STRATEGIES),
-        ("trainer.precision", t.precision, TRAINER_PRECISIONS),
-    ):
-        if value not in choices:
-            raise _choice_error(key, value, choices, sources.get(key, "the defaults"))
-    source = sources.get("trainer.devices", "the defaults")
-    ids = _device_ids(t.devices)
-    bad_count = isinstance(ids, int) and ids < 1 and ids != -1
-    bad_list = isinstance(ids, list) and (not ids or min(ids) < 0)
-    if ids is None or bad_count or bad_list:
-        raise ConfigError(
-            f"'trainer.devices={t.devices}' (from {source}) is not a valid device setting. "
-            f"Use {DEVICES_FORMS}."
-        )
-    if t.accelerator == "cpu" and not (ids == "auto" or (isinstance(ids, int) and ids >= 1)):
-        raise ConfigError(
-            f"'trainer.devices={t.devices}' (from {source}) does not work with "
-            "trainer.accelerator=cpu: Lightning runs a number of CPU processes, so use auto or "
-            "a positive integer, e.g. trainer.devices=2."
-        )

@@ -1,7 +1,7 @@
 """Checks of a merged config's section values: numbers in range and keys that depend on each
-other (staleness schedules, stale-gradient topologies, synthesizers, MACH), each naming the key
-and the fix. `mach_lightning/config/__init__.py` runs them from `validate_semantics` and
-re-exports them.
+other (staleness schedules, the delayed and local sections, synthesizers, MACH), each naming the
+key and the fix. A method's section is checked only when composed in (registered).
+`mach_lightning/config/__init__.py` runs them from `validate_semantics` and re-exports them.
 """
 
 from __future__ import annotations
@@ -34,15 +34,25 @@ def validate_staleness(cfg: DictConfig) -> None:
         )
     if s.straggler_factor < 1.0:
         raise ConfigError(f"staleness.straggler_factor must be >= 1, got {s.straggler_factor}.")
-    t = cfg.topology
-    if t.dcasgd_lambda < 0 or t.async_buffer < 0 or t.aux_hidden < 1:
-        raise ConfigError(
-            "topology.dcasgd_lambda and topology.async_buffer must be >= 0, "
-            "topology.aux_hidden >= 1."
-        )
+    validate_stale_sections(cfg)
     if cfg.diagnostics.cosine_every_n_steps < 0:
         raise ConfigError("diagnostics.cosine_every_n_steps must be >= 0 (0 turns it off).")
     validate_simtime(cfg.simtime)
+
+
+def validate_stale_sections(cfg: DictConfig) -> None:
+    """The delayed and local sections, where registered (a method's section is composed in only
+    when its method is imported)."""
+    if "delayed" in cfg and cfg.delayed.dcasgd_lambda < 0:
+        raise ConfigError(
+            f"delayed.dcasgd_lambda must be >= 0 (0: the plain optimizer), "
+            f"got {cfg.delayed.dcasgd_lambda}."
+        )
+    if "local" in cfg and (cfg.local.async_buffer < 0 or cfg.local.aux_hidden < 1):
+        raise ConfigError(
+            f"local.async_buffer must be >= 0 (0: off) and local.aux_hidden >= 1, got "
+            f"{cfg.local.async_buffer} and {cfg.local.aux_hidden}."
+        )
 
 
 SIM_COSTS = ("measured", "flops")
@@ -91,14 +101,20 @@ def resolve_student_modes(use_student: Any, num_components: int) -> list[str]:
 
 
 def validate_synth_and_mach(cfg: DictConfig) -> None:
-    """Synthesizer (dni, cdni) and MACH settings."""
-    synth, mach = cfg.synth, cfg.mach
-    if synth.hidden < 1 or synth.layers < 0 or synth.warmup_steps < 0:
-        raise ConfigError("synth.hidden must be >= 1, synth.layers and synth.warmup_steps >= 0.")
-    if synth.lr <= 0 or synth.scale <= 0:
-        raise ConfigError(
-            f"synth.lr and synth.scale must be positive (got {synth.lr}, {synth.scale})."
-        )
+    """Synthesizer (dni, cdni) and MACH settings, where their sections are registered."""
+    if "synth" in cfg:
+        synth = cfg.synth
+        if synth.hidden < 1 or synth.layers < 0 or synth.warmup_steps < 0:
+            raise ConfigError(
+                "synth.hidden must be >= 1, synth.layers and synth.warmup_steps >= 0."
+            )
+        if synth.lr <= 0 or synth.scale <= 0:
+            raise ConfigError(
+                f"synth.lr and synth.scale must be positive (got {synth.lr}, {synth.scale})."
+            )
+    if "mach" not in cfg:
+        return
+    mach = cfg.mach
     if mach.target_weight < 0 or mach.student_weight < 0:
         raise ConfigError("mach.target_weight and mach.student_weight must be >= 0.")
     if mach.student_width < 1 or mach.student_depth < 0:

@@ -1,7 +1,11 @@
-"""The config schema: one dataclass per section, with every setting's default and meaning.
+"""The base config schema: one dataclass per section, with every setting's default and meaning.
 
-`configs/default.yaml` repeats these defaults with the same comments (a test keeps them equal);
-loading and validation are in `mach_lightning/config/__init__.py`, which re-exports these classes.
+These are the sections every run reads. Each method's own settings (`delayed`, `local`, `synth`,
+`mach`) are declared next to the method (mach_lightning/methods/) and registered with it;
+`load_config` composes the two (config/sections.py). `configs/default.yaml` repeats the composed
+defaults with the same comments (a test keeps them equal); loading and validation are in
+`mach_lightning/config/__init__.py`, which re-exports these classes. Imports nothing of
+mach_lightning: config is the bottom layer.
 """
 
 from __future__ import annotations
@@ -46,13 +50,8 @@ class DataConfig:
 @dataclass
 class TopologyConfig:
     name: str = "sync"  # a registered topology: see `python -m mach_lightning.fit --list`
-    # --- stale-gradient topologies (delayed, local); other topologies ignore these ---
-    grad_mode: str = "stash"  # delayed: stash (forward-time weights) | recompute (current ones)
-    dcasgd_lambda: float = 0.0  # delayed: DC-ASGD delay compensation strength; 0 = plain optimizer
-    dcasgd_lr_scaling: bool = False  # delayed: divide the lr by the applied staleness (SA-ASGD)
-    aux_head: str = "linear"  # local: auxiliary classifier per component: linear | mlp
-    aux_hidden: int = 256  # local: hidden width of aux_head=mlp
-    async_buffer: int = 0  # local: replay buffer of M stale activations per component (0: off)
+    # Each topology's own settings are in its section (delayed, local, synth, mach), registered
+    # with it in mach_lightning/methods/.
 
 
 @dataclass
@@ -87,34 +86,6 @@ class SimTimeConfig:
     measure_threads: int = 1  # torch threads while timing, restored after (0: as training's)
     link_latency_us: float = 10.0  # latency of one message between devices, microseconds
     link_bandwidth_gbs: float = 16.0  # link bandwidth between devices, GB/s
-
-
-@dataclass
-class SynthConfig:
-    """Gradient synthesizers of dni/cdni (mach_lightning/core/synth.py)."""
-
-    hidden: int = 1024  # hidden width of each synthesizer (MLP units or conv channels)
-    layers: int = 1  # hidden layers of each synthesizer; 0: a linear map
-    optimizer: str = "adam"  # the synthesizers' own optimizer: adam | adamw | sgd
-    lr: float = 1e-4  # synthesizers' learning rate
-    warmup_steps: int = 0  # batch steps of true (backprop) gradients before synthetic ones
-    scale: float = 1.0  # multiplies the synthetic gradient a component applies to its weights
-
-
-@dataclass
-class MachConfig:
-    """The MACH family: teachers, target heads and students (mach_lightning/core/mach_blocks.py)."""
-
-    # What each teacher consumes in training: neighbour (the real neighbour's embedding), student
-    # (its student's imitation) or both (one target loss on each); a list gives one per component.
-    # Evaluation (acc_c{i}) always uses the student. true/false read as student/neighbour.
-    use_student: Any = "neighbour"  # neighbour | student | both, or a list, e.g. [both, neighbour]
-    target_weight: float = 1.0  # weight of each component's task (cross-entropy) loss
-    student_weight: float = 1.0  # weight of each student's distillation (MSE) loss
-    student_width: int = 512  # MLP student hidden width
-    student_depth: int = 1  # MLP student hidden layers before the embedding layer
-    upstream_frozen: bool = False  # mach_single: keep the upstream's weights fixed
-    upstream_ckpt: str | None = None  # mach_single: start the upstream from a sync checkpoint
 
 
 @dataclass
@@ -184,8 +155,6 @@ class Config:
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     simtime: SimTimeConfig = field(default_factory=SimTimeConfig)
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    mach: MachConfig = field(default_factory=MachConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -10,13 +10,12 @@ Fusion: MLP inputs are flattened and the embedding appended; image inputs to con
 backbones get the embedding as extra channels, constant over the image. Students: for the MLP, a
 small MLP (mach.student_width x mach.student_depth, then the embedding layer, ReLU like the
 teacher's embedding); for convolutional backbones, the same backbone with the embedding as its
-output (then ReLU). The topologies wiring these together live in topologies/mach_*.py.
+output (then ReLU). The rule wiring these together is methods/mach_base.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,6 @@ from torch import nn
 
 from mach_lightning.core.blocks import Component
 from mach_lightning.nets import BACKBONES
-from mach_lightning.sim.simtime_measure import Work
 
 
 def flat_fusion(backbone: str, input_shape: tuple) -> bool:
@@ -140,15 +138,6 @@ def distillation_loss(imitation: torch.Tensor, embedding: torch.Tensor) -> torch
     return F.mse_loss(imitation, embedding.detach())
 
 
-@dataclass
-class Wiring:
-    """One forward through the nodes: each node's logits and, when training, the losses."""
-
-    logits: dict[int, torch.Tensor] = field(default_factory=dict)  # node -> its training logits
-    objective: torch.Tensor | float = 0.0
-    leaves: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # delayed edges
-
-
 def reachable_nodes(neighbours, i: int) -> set[int]:
     """Node i and every node it needs (its neighbours, theirs, ...) for its wired output."""
     needed, todo = set(), [i]
@@ -170,26 +159,3 @@ class Standalone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.component
         return c.classify(c.embed(x, c.imitate(x)))
-
-
-def node_work(topology, x: torch.Tensor) -> list[Work]:
-    """Per node of a MACH topology, its own work for simulated time (sim/simtime.py).
-
-    A node's teacher, head and student run with a dummy neighbour input, as on a device of its
-    own; its message is its published embedding.
-    """
-    works = []
-    for i in range(topology.num_nodes()):
-        width = sum(topology.embedding_width(j) for j in topology.neighbours(i))
-        neighbour = x.new_zeros(x.shape[0], width) if width else None
-
-        def forward(i=i, neighbour=neighbour) -> list[torch.Tensor]:
-            imitation = topology.imitate(i, x)
-            logits = topology.classify(i, topology.embed(i, x, neighbour))
-            return [logits] if imitation is None else [logits, imitation]
-
-        modules = topology.node_modules(i)
-        params = [p for m in modules for p in m.parameters() if p.requires_grad]
-        size = x.shape[0] * topology.embedding_width(i) * x.element_size()
-        works.append(Work(forward, params, size))
-    return works

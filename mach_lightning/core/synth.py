@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mach_lightning.core.inflight import frozen_buffers
+from mach_lightning.core.weights import frozen_buffers
 
 
 class GradientSynthesizer(nn.Module):

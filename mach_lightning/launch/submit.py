@@ -29,14 +29,10 @@ from mach_lightning.launch.status import (
     squeue_states,
 )
 from mach_lightning.launch.sweep import Job, SweepError, format_value
+from mach_lightning.launch.sweep_spec import load_registries
 from mach_lightning.launch.task import TrainTask
 
 COMPARE_IGNORE = ("name", "run", "logger", "resume", "ckpt_path")
-
-
-def load_registries() -> None:
-    """Import what a run imports, so topology and dataset names validate as they will in the job."""
-    import mach_lightning.training  # noqa: F401
 
 
 def _load(job: Job, index: int, total: int, label: str):
@@ -151,16 +147,35 @@ def make_executor(profile: ClusterProfile, folder: Path, job_name: str) -> submi
     return executor
 
 
-def sbatch_script(profile: ClusterProfile, folder: Path, job_name: str, count: int) -> str:
-    """The sbatch file submitit would write for `count` jobs (an array when count > 1)."""
-    from submitit.slurm.slurm import _make_sbatch_string
+# Parameters of SlurmExecutor.update_parameters that are no sbatch option of the same name.
+_NOT_SBATCH = {"signal_delay_s", "array_parallelism", "additional_parameters", "setup", "srun_args"}
 
-    python = profile.python or shlex.quote(sys.executable)
-    command = f"{python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+
+def sbatch_script(profile: ClusterProfile, folder: Path, job_name: str, count: int) -> str:
+    """The sbatch lines asked of submitit for `count` jobs (an array when count > 1), written as
+    submitit writes them: from the parameters given to its public `update_parameters`. submitit
+    renders its own file only when it submits, with a private helper this code does not rely on
+    (mach_lightning/internals.py says why); its file also names the log files (--output,
+    --error, --open-mode) and passes them to srun."""
     params = profile.slurm_parameters(job_name)
-    return _make_sbatch_string(
-        command=command, folder=folder, map_count=count if count > 1 else None, **params
-    )
+    options = {k: v for k, v in params.items() if k not in _NOT_SBATCH}
+    options["signal"] = f"{submitit.JobEnvironment.USR_SIG}@{params['signal_delay_s']}"
+    if count > 1:
+        options["array"] = f"0-{count - 1}%{min(count, params['array_parallelism'])}"
+    options.update(params.get("additional_parameters") or {})
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    lines += [_sbatch_flag(key, options[key]) for key in sorted(options)]
+    if params.get("setup"):
+        lines += ["", "# setup", *params["setup"]]
+    python = profile.python or shlex.quote(sys.executable)
+    srun = shlex.join(["srun", "--unbuffered", *params.get("srun_args", [])])
+    command = f"{srun} {python} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    return "\n".join([*lines, "", "# command", "export SUBMITIT_EXECUTOR=slurm", command, ""])
+
+
+def _sbatch_flag(key: str, value) -> str:
+    key = key.replace("_", "-")
+    return f"#SBATCH --{key}" if value is True else f"#SBATCH --{key}={shlex.quote(str(value))}"
 
 
 def _record(job: Job, sjob, profile: ClusterProfile, folder: Path) -> None:

@@ -34,9 +34,17 @@ class SweepError(ValueError):
     """A sweep problem, naming the sweep file or the job and the key; nothing was submitted."""
 
 
+def load_registries() -> None:
+    """Import what a run imports, so topology and dataset names validate as they will in the job
+    and load_config composes every method's config section (config imports neither). Here, the
+    lowest of the launcher's sweep modules: submit.py imports it from here, so the two do not
+    import each other (the layering contract forbids import cycles within a package)."""
+    import mach_lightning.data  # noqa: F401
+    import mach_lightning.methods  # noqa: F401
+
+
 def _choices(key: str, source: str) -> list[Any]:
     from mach_lightning.config import CHOICES
-    from mach_lightning.launch.submit import load_registries
 
     load_registries()  # topologies and datasets register their names on import
 

@@ -202,8 +202,10 @@ class TrainTask(Checkpointable):
         return extra
 
     def __call__(self) -> dict:
+        import mach_lightning.data  # noqa: F401  (load_config needs the registries filled)
+        import mach_lightning.methods  # noqa: F401
         from mach_lightning.config import load_config
-        from mach_lightning.fit import run_fit
+        from mach_lightning.training import run_fit  # fit.py: the command line over it
 
         run_dir = Path(self.run_dir)
         since = time.time()

@@ -2,20 +2,24 @@
 
 `dni`: after every component but the last sits a synthesizer S_i (mach_lightning/core/synth.py) that
 predicts the gradient at the component's output h_i. Component i updates at once with S_i(h_i)
-instead of waiting for the true gradient. `cdni` is the same class with label-conditioned
-synthesizers, S_i(h_i, y): a separate registered name, so configs and result tables say which.
+instead of waiting for the true gradient. `cdni` is the same rule with label-conditioned
+synthesizers, S_i(h_i, y) (`conditioned = True`): a separate registered name, so configs and result
+tables say which.
 
-The synthesizer learns by regression onto the *true gradient at its boundary*: the successor's own
-(synthetic or, for the last component, loss) gradient pushed back through the successor. That
-target is detached from the predictor, so training a synthesizer never changes the base model.
+Node i owns component i and synthesizer i, with one optimizer each (indices i and K + i; the
+synthesizers use synth.optimizer at synth.lr). The synthesizer learns by regression onto the *true
+gradient at its boundary*: the successor's own (synthetic or, for the last component, loss)
+gradient pushed back through the successor. That target is detached from the predictor, so
+training a synthesizer never changes the base model.
 
-One backward per step: `SyntheticBoundary` is the identity on the forward pass; on the backward
-pass it receives the true gradient arriving from the successor, records it (the regression target),
-hands the component the synthetic gradient instead (or the true one during `synth.warmup_steps`),
-and, when the target is not delayed, injects the regression gradient into the synthesizer. The
-true gradient may arrive late: with delay d_i (staleness.schedule, boundary i reads component i's
-delay) it waits in a DelayQueue with the activation and labels it belongs to, and the synthesizer
-regresses on it d_i steps later as an ordinary loss term. Per-boundary diagnostics:
+One backward per step: the link from node i to node i+1 is live, through `SyntheticBoundary`, the
+identity on the forward pass; on the backward pass it receives the true gradient arriving from the
+successor, records it (the regression target), hands the component the synthetic gradient instead
+(or the true one during `synth.warmup_steps`), and, when the target is not delayed, injects the
+regression gradient into the synthesizer. The true gradient may arrive late: with delay d_i
+(staleness.schedule, boundary i reads component i's delay) it goes, after the backward, as a
+TARGET message from node i to itself, due d_i steps later, with the activation and labels it
+belongs to; the synthesizer then regresses on it as an ordinary loss term. Per-boundary metrics:
   synth/loss_b{i}  regression loss at boundary i;  synth/cos_b{i}  cosine between the synthetic and
   the true gradient of the same batch;  diag/staleness_c{i}  the age of synthesizer i's targets.
 `synth.scale` multiplies the synthetic gradient a component applies to its weights (applied to the
@@ -26,16 +30,16 @@ The precision must not use loss scaling (16-mixed): gradients are read as values
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from mach_lightning.config import ConfigError, register_choices
-from mach_lightning.core.blocks import build_optimizer, build_scheduler
-from mach_lightning.core.inflight import DelayQueue
+from mach_lightning.config import ConfigError, config_section, register_choices
+from mach_lightning.core.messages import ACTIVATION, TARGET, Message
+from mach_lightning.core.node import Inbox, Node, Outbox, Return
+from mach_lightning.core.rule import ChainRule
 from mach_lightning.core.synth import (
     GradientSynthesizer,
     boundary_shapes,
@@ -43,12 +47,21 @@ from mach_lightning.core.synth import (
     synthesizer_loss_grad,
 )
 from mach_lightning.methods import register_topology
-from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
-from mach_lightning.sim.module import TopologyModule
-from mach_lightning.sim.simtime import SimLayout
-from mach_lightning.sim.staleness import create_schedule
 
 register_choices("synth.optimizer", lambda: ["adam", "adamw", "sgd"])
+
+
+@config_section("synth")
+@dataclass
+class SynthConfig:
+    """Gradient synthesizers of dni/cdni (mach_lightning/core/synth.py)."""
+
+    hidden: int = 1024  # hidden width of each synthesizer (MLP units or conv channels)
+    layers: int = 1  # hidden layers of each synthesizer; 0: a linear map
+    optimizer: str = "adam"  # the synthesizers' own optimizer: adam | adamw | sgd
+    lr: float = 1e-4  # synthesizers' learning rate
+    warmup_steps: int = 0  # batch steps of true (backprop) gradients before synthetic ones
+    scale: float = 1.0  # multiplies the synthetic gradient a component applies to its weights
 
 
 @dataclass
@@ -85,40 +98,21 @@ class SyntheticBoundary(torch.autograd.Function):
         return to_component, to_synthesizer, None
 
 
-class WindowMeans:
-    """Means of named scalars over the steps since the last log point (no host sync per step)."""
-
-    def __init__(self):
-        self.sums: dict[str, list[float]] = {}
-
-    def add(self, key: str, value: torch.Tensor) -> None:
-        total = self.sums.setdefault(key, [0.0, 0])
-        total[0], total[1] = total[0] + value.detach(), total[1] + 1
-
-    def summary(self) -> dict[str, float]:
-        out = {key: float(total) / count for key, (total, count) in self.sums.items()}
-        self.sums = {}
-        return out
-
-
-@register_topology
-class DNI(StaleDiagnosticsMixin, TopologyModule):
+@register_topology(section=SynthConfig)
+class DNI(ChainRule):
     """Synthetic gradients at every boundary; unconditioned synthesizers."""
 
     name = "dni"
     conditioned = False  # cdni: synthesizers see the labels too
 
     def __init__(self, cfg, input_shape: tuple, num_classes: int):
-        super().__init__(cfg, input_shape, num_classes)
-        if self.cfg.trainer.precision.startswith("16"):
+        if str(cfg.trainer.precision).startswith("16"):
             raise ConfigError(
                 f"{self.name} reads gradients as values at each boundary, which "
                 "loss scaling distorts; use trainer.precision=32-true or bf16-mixed."
             )
-        self.schedule = create_schedule(cfg.staleness, len(self.components), cfg.seed)
-        self.targets_in_flight = DelayQueue()
-        self.synth_meter = WindowMeans()
-        self.init_diagnostics()
+        super().__init__(cfg, input_shape, num_classes)
+        self.warmup_steps, self.scale = int(cfg.synth.warmup_steps), float(cfg.synth.scale)
 
     def build_components(self) -> nn.ModuleList:
         components = super().build_components()
@@ -130,133 +124,81 @@ class DNI(StaleDiagnosticsMixin, TopologyModule):
         )
         return components
 
-    def optimizer_groups(self) -> list[list[nn.Parameter]]:
-        return super().optimizer_groups() + [list(s.parameters()) for s in self.synthesizers]
+    def modules(self) -> dict[str, nn.Module]:
+        return {"components": self.components, "synthesizers": self.synthesizers}
 
-    def configure_optimizers(self):
+    def make_node(self, i: int) -> Node:
+        if i == len(self.synthesizers):  # the last component: no boundary after it
+            return Node(i, {"component": self.components[i]}, optimizers=[i])
+        modules = {"component": self.components[i], "synthesizer": self.synthesizers[i]}
+        return Node(i, modules, optimizers=[i, len(self.components) + i])
+
+    def optimizer_groups(self):
         # Components use optim.*; synthesizers their own optimizer at synth.lr: a regression
         # whose targets shrink as training goes on is best left to an adaptive optimizer.
         synth = self.cfg.synth
         synth_optim = OmegaConf.merge(self.cfg.optim, {"name": synth.optimizer, "lr": synth.lr})
-        num_components = len(self.components)
-        optimizers = [
-            self.wrap_optimizer(
-                build_optimizer(group, self.cfg.optim if i < num_components else synth_optim), i
-            )
-            for i, group in enumerate(self.optimizer_groups())
-        ]
-        schedulers = [
-            build_scheduler(o, self.cfg.optim, self.cfg.trainer.max_epochs) for o in optimizers
-        ]
-        return optimizers, [s for s in schedulers if s is not None]
-
-    def sim_layout(self) -> SimLayout:
-        return SimLayout(parallel=True)  # activations up, true gradients (targets) down
-
-    def in_warmup(self) -> bool:
-        return self.batch_step < self.cfg.synth.warmup_steps
+        groups = [(list(s.parameters()), synth_optim) for s in self.synthesizers]
+        return super().optimizer_groups() + groups
 
     def synthetic_gradient(self, index: int, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Synthesizer `index`'s per-example gradient for h (tests swap in an oracle here)."""
         return self.synthesizers[index](h, y)
 
-    # ----- one step -----
-    def step_objective(self, x: torch.Tensor, y: torch.Tensor):
-        """The scalar whose one backward trains everything; also the logits, loss and boundaries."""
-        delays = self.schedule.delays(self.batch_step)
-        h, boundaries = x, []
-        for i, component in enumerate(self.components[:-1]):
-            h = component(h)
-            prediction = self.synthetic_gradient(i, h.detach(), y)
-            boundary = Boundary(
-                i, h.detach(), prediction.detach(), self.in_warmup(), regress_now=delays[i] == 0
-            )
-            h = SyntheticBoundary.apply(h, prediction, boundary)
-            boundaries.append(boundary)
-        logits = self.components[-1](h)
-        loss = F.cross_entropy(logits, y)
-        regressing = {b.index for b in boundaries if b.regress_now}
-        return loss + self.arrived_regressions(regressing), logits, loss, boundaries
+    # ----- one step of one node -----
+    def node_step(self, node: Node, inbox: Inbox) -> Outbox:
+        """Component i updates with batch t now; its synthesizer regresses on the true gradients
+        that arrive: batch t's inside this backward (delay 0), earlier batches' as messages."""
+        i, t = node.index, inbox.batch
+        out = Outbox(i, applied=[t], ages=[])  # ages: of the targets the synthesizer learns from
+        h = node.component(inbox.x if i == 0 else inbox.one(ACTIVATION, t))
+        if self.is_last(node):
+            out.logits = h
+            out.add_loss(F.cross_entropy(h, inbox.y))
+            return out
+        delay = inbox.delays[i]
+        prediction = self.synthetic_gradient(i, h.detach(), inbox.y)
+        warmup = inbox.step < self.warmup_steps
+        boundary = Boundary(i, h.detach(), prediction.detach(), warmup, regress_now=delay == 0)
+        link = SyntheticBoundary.apply(h, prediction, boundary)
+        out.send(i + 1, link, t)  # live: the successor's backward reaches the boundary
+        if delay == 0:
+            out.ages.append(0)
+        else:  # the true gradient reaching the link: this node's target, due `delay` steps later
+            link.retain_grad()
+            context = {"activation": boundary.activation, "labels": inbox.y}
+            out.returns.append(Return(link, i, i, t, delay, TARGET, context))
+        for message in inbox.take(TARGET):  # targets of earlier batches, due now
+            regression = self.regression(i, message)
+            node.meter.add(f"synth/loss_b{i}", regression)
+            out.add_loss(regression)
+            out.ages.append(t - message.batch)
+        if not out.ages:  # nothing to learn from: zero, but plain DDP sees every parameter used
+            out.add_loss(sum(0.0 * p.sum() for p in node.modules["synthesizer"].parameters()))
+        out.after_backward.append(lambda: self.after_backward(node, boundary))
+        return out
 
-    def arrived_regressions(self, regressing: set[int]) -> torch.Tensor | float:
-        """Regression losses on the true gradients that arrive at this step (delay > 0).
+    def regression(self, index: int, message: Message) -> torch.Tensor:
+        """Synthesizer `index`'s loss on a late target; the message holds dL/dh as the backward
+        left it, the per-example target is B times that (as in SyntheticBoundary)."""
+        target = message.tensor * message.tensor.shape[0]
+        context = message.context
+        prediction = self.synthetic_gradient(index, context["activation"], context["labels"])
+        return synthesizer_loss(prediction, target)
 
-        A synthesizer with nothing to learn from this step adds 0 * its parameters, so that plain
-        DDP sees every parameter used (one all-reduce, no find_unused_parameters).
-        """
-        total = 0.0
-        for key, item in self.targets_in_flight.due(self.batch_step):
-            self.targets_in_flight.pop(key)
-            index = key[1]
-            prediction = self.synthetic_gradient(index, item["activation"], item["labels"])
-            regression = synthesizer_loss(prediction, item["target"])
-            self.synth_meter.add(f"synth/loss_b{index}", regression)
-            self.staleness.record(index, self.batch_step - key[0])
-            total = total + regression
-            regressing.add(index)
-        for i, synthesizer in enumerate(self.synthesizers):
-            if i not in regressing:
-                total = total + sum(0.0 * p.sum() for p in synthesizer.parameters())
-        return total
-
-    def after_backward(self, boundaries: list[Boundary], y: torch.Tensor) -> None:
-        """Scale the synthetic updates, send delayed targets on their way, record diagnostics."""
-        delays = self.schedule.delays(self.batch_step)
-        for b in boundaries:
-            if b.regress_now:
-                self.synth_meter.add(
-                    f"synth/loss_b{b.index}", synthesizer_loss(b.prediction, b.target)
-                )
-                self.staleness.record(b.index, 0)
-            else:
-                item = {"activation": b.activation, "labels": y, "target": b.target}
-                self.targets_in_flight.push(
-                    (self.batch_step, b.index), self.batch_step + delays[b.index], item
-                )
-            cos = F.cosine_similarity(b.prediction.flatten(), b.target.flatten(), dim=0, eps=1e-30)
-            self.synth_meter.add(f"synth/cos_b{b.index}", cos)
-            if self.cfg.synth.scale != 1.0 and not b.use_true_gradient:
-                for p in self.components[b.index].parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(self.cfg.synth.scale)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        optimizers = self.component_optimizers()
-        step, measured = self.batch_step, None
-        applied = {i: [step] for i in range(len(self.components))}  # all at once, this batch
-        if self.probe.is_due(step):  # true gradients at the weights of this step
-            measured = self.probe.measure(step, self.components, x, y, applied)
-        objective, logits, loss, boundaries = self.step_objective(x, y)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(objective)
-        self.after_backward(boundaries, y)
-        for optimizer in optimizers:
-            optimizer.step()
-        if measured is not None:
-            self.probe_metrics = self.probe.compare(measured, self.components, applied)
-        return {"loss": loss.detach(), "logits": logits.detach()}
-
-    # ----- logging and checkpoints -----
-    def step_metrics(self, at_log_point: bool) -> dict[str, float]:
-        metrics = super().step_metrics(at_log_point)
-        if at_log_point:
-            metrics.update(self.synth_meter.summary())
-        return metrics
-
-    def inflight_bytes(self) -> int:
-        return self.targets_in_flight.held_bytes()
-
-    def topology_state_dict(self) -> dict[str, Any]:
-        return {**super().topology_state_dict(), "targets": self.targets_in_flight.state_dict()}
-
-    def load_topology_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_topology_state_dict(state)
-        self.targets_in_flight.load_state_dict(state.get("targets", []))
+    def after_backward(self, node: Node, b: Boundary) -> None:
+        """Record the boundary's metrics; scale the synthetic update the component applies."""
+        if b.regress_now:
+            node.meter.add(f"synth/loss_b{b.index}", synthesizer_loss(b.prediction, b.target))
+        cos = F.cosine_similarity(b.prediction.flatten(), b.target.flatten(), dim=0, eps=1e-30)
+        node.meter.add(f"synth/cos_b{b.index}", cos)
+        if self.scale != 1.0 and not b.use_true_gradient:
+            for p in node.component.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(self.scale)
 
 
-@register_topology
+@register_topology(section=SynthConfig)
 class CDNI(DNI):
     """cDNI: DNI with synthesizers conditioned on the labels (one-hot), S_i(h_i, y)."""
 

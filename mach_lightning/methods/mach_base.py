@@ -1,9 +1,9 @@
-"""What mach_single, mach_seq and mach_kgraph share: nodes that publish embeddings to each other.
+"""The MACH rule: nodes that publish embeddings to each other, one rule for three edge lists.
 
 A *node* is a MACH component (core/mach_blocks.py: teacher, target head, student) or, in
-mach_single, the upstream network. Each step, every node *publishes* an embedding of the batch,
-and node i's teacher consumes the concatenation of its neighbours' published embeddings (its
-`neighbour` input) or its student's imitation of it, per `mach.use_student`:
+mach_single, the upstream network. Each step every node *publishes* an embedding of the batch to
+its consumers, and node i's teacher consumes the concatenation of its neighbours' published
+embeddings (its `neighbour` input) or its student's imitation of it, per `mach.use_student`:
   neighbour  train on the real neighbours' embeddings; the student only imitates
   student    train on the student's imitation (the teacher never waits on a neighbour)
   both       one target loss on each, averaged
@@ -11,69 +11,104 @@ Each node's loss: target_weight * cross-entropy of its head + student_weight * M
 neighbour input, detached). Evaluation: acc_c{i} is node i standalone, with its student; `main`
 (val/acc) is node 0 as trained (its training wiring).
 
-Gradients from a consumer to the node it consumed (parent to child) are delayed by the child's
-d_j (staleness.schedule; node j reads component j's delay). Delay 0: the graph stays connected,
-so with every delay 0 and use_student=neighbour this is exactly backprop through the wiring.
-Delay d > 0: the consumer sees a detached copy; after the backward its gradient is a message,
-queued (engine DelayQueue) and applied by the child d steps later as (e * g).sum() through the
-batch's forward rebuilt from its stored input: with the weights of that forward (grad_mode=stash)
-or the current ones (recompute). The rebuilt forward's own neighbour input is a leaf too, and what
-reaches it is forwarded to that neighbour (at least one step later), so losses further up still
-reach every node. Memory in flight: per batch and node, its input (and a weight copy for stash).
+A variant is an edge list (`Edges`): each node's neighbours, the order nodes step in (producers
+first), and whether a node publishes its standalone (student-wired) embedding. That one is
+computed before anything is consumed, which is how mach_kgraph's cycles are broken: its
+embeddings are published in a first round by nodes 0..N-1 (the components' own, holding their
+stored forwards and optimizers), and each component's teacher trains in a second round, in
+node N + i, on what the first round published.
+
+The gradient of a consumer's loss at producer j's embedding is delayed by d_j (staleness; node j
+reads component j's delay). Delay 0: the graph stays connected, so with every delay 0 and
+use_student=neighbour this is exactly backprop through the wiring. Delay d > 0: the consumer
+gets a leaf, and what reaches it is a GRADIENT message due d steps later, applied by j as
+(e * g).sum() through the batch's forward rebuilt from its stored inputs (core/stored.py: with the
+weights of that forward, mach.grad_mode=stash, or the current ones, recompute). The rebuilt
+forward's neighbour inputs are leaves too, and what reaches them is sent on to those neighbours
+(at least one step later), so losses further up still reach every node. A stored forward is
+forgotten once no message for its batch is in flight (the rule counts them: `pending`, saved in
+checkpoints): nothing can reach it any more.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mach_lightning.config import resolve_student_modes
-from mach_lightning.core.inflight import (
-    DelayQueue,
-    frozen_buffers,
-    functional_forward,
-    stashed_params,
-)
-from mach_lightning.core.mach_blocks import (
-    Standalone,
-    Wiring,
-    distillation_loss,
-    node_work,
-    reachable_nodes,
-)
-from mach_lightning.methods.dni import WindowMeans
-from mach_lightning.sim.diagnostics import StaleDiagnosticsMixin
-from mach_lightning.sim.module import MAIN_HEAD, TopologyModule
-from mach_lightning.sim.simtime import SimLayout
-from mach_lightning.sim.staleness import create_schedule
+from mach_lightning.config import config_section, register_choices, resolve_student_modes
+from mach_lightning.core.mach_blocks import Standalone, distillation_loss, reachable_nodes
+from mach_lightning.core.messages import EMBEDDING, GRADIENT
+from mach_lightning.core.node import Inbox, Node, Outbox
+from mach_lightning.core.rule import MAIN_HEAD, Rule
+from mach_lightning.core.stored import GRAD_MODES, StoredForwards
+from mach_lightning.core.weights import functional_forward
+from mach_lightning.methods.mach_wiring import node_work, wired, wiring
+
+register_choices("mach.grad_mode", lambda: list(GRAD_MODES))
 
 
-class MachTopology(StaleDiagnosticsMixin, TopologyModule):
-    """Base class; subclasses define the nodes' neighbours and the order they publish in."""
+@config_section("mach")
+@dataclass
+class MachConfig:
+    """The MACH family: teachers, target heads and students (mach_lightning/core/mach_blocks.py)."""
 
-    publish_standalone: ClassVar[bool] = False  # True: publish student-wired embeddings (cycles)
+    # What each teacher consumes in training: neighbour (the real neighbour's embedding), student
+    # (its student's imitation) or both (one target loss on each); a list gives one per component.
+    # Evaluation (acc_c{i}) always uses the student. true/false read as student/neighbour.
+    use_student: Any = "neighbour"  # neighbour | student | both, or a list, e.g. [both, neighbour]
+    target_weight: float = 1.0  # weight of each component's task (cross-entropy) loss
+    student_weight: float = 1.0  # weight of each student's distillation (MSE) loss
+    student_width: int = 512  # MLP student hidden width
+    student_depth: int = 1  # MLP student hidden layers before the embedding layer
+    grad_mode: str = "stash"  # late gradients: stash (forward-time weights) | recompute (current)
+    upstream_frozen: bool = False  # mach_single: keep the upstream's weights fixed
+    upstream_ckpt: str | None = None  # mach_single: start the upstream from a sync checkpoint
+
+
+@dataclass(frozen=True)
+class Edges:
+    """A MACH variant's graph."""
+
+    neighbours: tuple[tuple[int, ...], ...]  # per node, the nodes it consumes (concat order)
+    order: tuple[int, ...]  # the order nodes step (and publish) in: producers first
+    standalone: bool = False  # publish the student-wired embedding, in a first round (cycles)
+
+    def consumers(self, j: int) -> list[int]:
+        return [i for i, nbrs in enumerate(self.neighbours) if j in nbrs]
+
+
+class MachRule(Rule):
+    """Base class; a variant builds its components and says its `edges()`."""
+
+    diagnostics = True  # staleness of the applied messages, in-flight memory
+    probe = False  # the gradient probe compares with a chain's sync gradient: none here
 
     def __init__(self, cfg, input_shape: tuple, num_classes: int):
         super().__init__(cfg, input_shape, num_classes)
         self.modes = resolve_student_modes(cfg.mach.use_student, cfg.model.num_components)
-        self.schedule = create_schedule(cfg.staleness, cfg.model.num_components, cfg.seed)
-        self.grad_mode = cfg.topology.grad_mode
-        self.messages, self.stored = DelayQueue(), DelayQueue()
-        self.meter = WindowMeans()
-        self.init_diagnostics()
+        self.grad_mode = cfg.mach.grad_mode
+        self.components = self.build_components()
+        self.graph = self.edges()
+        self.pending: Counter = Counter()  # batch -> gradient messages of it in flight
+        self._sent: list = []  # this step's messages and returns, if a gradient reaches them
 
-    # ----- the graph: subclasses override -----
-    def num_nodes(self) -> int:
-        return len(self.components)
-
-    def neighbours(self, i: int) -> list[int]:
+    # ----- the graph: variants override -----
+    def build_components(self) -> nn.ModuleList:
         raise NotImplementedError
 
-    def publish_order(self) -> list[int]:
-        return list(range(self.num_nodes()))
+    def edges(self) -> Edges:
+        raise NotImplementedError
+
+    def num_nodes(self) -> int:
+        return len(self.graph.neighbours)
+
+    def neighbours(self, i: int) -> list[int]:
+        return list(self.graph.neighbours[i])
 
     def node_modules(self, i: int) -> list[nn.Module]:
         return [self.components[i]]
@@ -98,208 +133,167 @@ class MachTopology(StaleDiagnosticsMixin, TopologyModule):
         """Node i as a model of x alone (with its student): what mach_lightning.export saves."""
         return Standalone(self.components[i])
 
-    def consumers(self, j: int) -> list[int]:
-        return [i for i in range(self.num_nodes()) if j in self.neighbours(i)]
+    # ----- structure for the runtime -----
+    def modules(self) -> dict[str, nn.Module]:
+        return {"components": self.components}
 
-    def edge_delay(self, j: int, delays: list[int]) -> int:
-        return int(delays[j])
+    def nodes(self) -> list[Node]:
+        if not hasattr(self, "_nodes"):  # built once: nodes hold stored forwards and meters
+            n, order = self.num_nodes(), list(self.graph.order)
+            steps = [*range(n), *(n + i for i in order)] if self.graph.standalone else order
+            self._nodes = [self._make_node(i) for i in steps]
+        return self._nodes
 
-    # ----- forward through the wiring -----
-    def wire(self, x, y=None, delays=None, modes=None, nodes=None) -> Wiring:
-        """Nodes publish in order; losses when y is given; delayed edges cut when delays given."""
-        modes, delays = modes or self.modes, delays or [0] * len(self.modes)
-        nodes = set(range(self.num_nodes())) if nodes is None else nodes
-        cut = any(self.edge_delay(j, delays) > 0 for j in nodes if self.consumers(j))
-        # Students run when they feed a teacher or, in training, learn (distillation).
-        imitations = {
-            i: self.imitate(i, x)
-            if y is not None or self.publish_standalone or modes[i] != "neighbour"
-            else None
-            for i in nodes
-        }
-        shared, wiring, own = {}, Wiring(), {}
-        if self.publish_standalone:
-            for j in sorted(nodes):
-                own[j] = self.embed(j, x, imitations[j])
-                store = (x, "student", None) if cut else None
-                self._publish(j, own[j], shared, wiring, delays, store)
-        for i in [i for i in self.publish_order() if i in nodes]:
-            nbrs = self.neighbours(i)
-            neighbour = torch.cat([shared[j] for j in nbrs], dim=1) if nbrs else None
-            mode = modes[i] if neighbour is not None else "neighbour"
-            embedding, logits, loss = self._node(
-                i, x, y, mode, neighbour, imitations[i], own.get(i)
-            )
-            wiring.objective = wiring.objective + loss
-            wiring.logits[i] = logits
-            if not self.publish_standalone:
-                kind = "student" if mode == "student" else "neighbour"
-                store = (x, kind, neighbour) if cut else None
-                self._publish(i, embedding, shared, wiring, delays, store)
-        return wiring
+    def _make_node(self, index: int) -> Node:
+        if index >= self.num_nodes():  # mach_kgraph's second round: component i's teacher
+            i = index - self.num_nodes()
+            return Node(index, {"component": self.components[i]}, optimizers=[])
+        modules = self.node_modules(index)  # mach_single's upstream: components 1..K-1
+        owned = [self._component_index(m) for m in modules]
+        stored = StoredForwards(self.grad_mode, modules)
+        component = modules[0] if len(modules) == 1 else nn.ModuleList(modules)
+        return Node(index, {"component": component}, owned, stored)
 
-    def _node(self, i, x, y, mode, neighbour, imitation, standalone):
-        """Node i's training embedding and logits, and its weighted loss (0 without labels)."""
-        both = [neighbour, imitation]
-        inputs = both[:1] if mode == "neighbour" else both[1:] if mode == "student" else both
-        inputs = inputs if y is not None else inputs[:1]  # evaluation: the first wiring only
-        embeddings = [
-            standalone if inp is imitation and standalone is not None else self.embed(i, x, inp)
-            for inp in inputs
-        ]
+    def _component_index(self, module: nn.Module) -> int:
+        return next(k for k, c in enumerate(self.components) if c is module)
+
+    def reads_input(self, index: int) -> bool:
+        return True  # every teacher and student reads x
+
+    # ----- one step of one node -----
+    def node_step(self, node: Node, inbox: Inbox) -> Outbox:
+        """Batch t: consume the neighbours' embeddings, learn, publish; late gradients due now."""
+        out, t, x, n = Outbox(node.index, stepped=True), inbox.batch, inbox.x, self.num_nodes()
+        if self.graph.standalone and node.index < n:  # first round: the student-wired embedding
+            imitation = self.imitate(node.index, x)
+            live = lambda: self.embed(node.index, x, imitation)  # noqa: E731
+            own = self.publish(node, inbox, out, live, [], student=True)
+            out.send(n + node.index, own, t, kind=EMBEDDING, imitation=imitation)  # to round 2
+        else:  # consume the neighbours' embeddings (or the student's imitation), learn, publish
+            i = node.index % n  # mach_kgraph's second round: node N + i trains teacher i
+            parts = [inbox.one(EMBEDDING, t, sender=j) for j in self.neighbours(i)]
+            neighbour = torch.cat(parts, dim=1) if parts else None
+            mode = self.modes[i] if neighbour is not None else "neighbour"
+            mine = [m for m in inbox.take(EMBEDDING, t) if m.sender == i]  # what round 1 sent
+            standalone = mine[0].tensor if mine else None
+            imitation = mine[0].context["imitation"] if mine else self.imitate(i, x)
+            embeddings, student = [], mode == "student"
+            for inp in wiring(mode, neighbour, imitation):
+                if inp is imitation and standalone is not None:
+                    e = standalone
+                elif not embeddings and not self.graph.standalone:  # the first one is published
+                    live = lambda inp=inp: self.embed(i, x, inp)  # noqa: E731
+                    e = self.publish(node, inbox, out, live, parts, student)
+                else:
+                    e = self.embed(i, x, inp)
+                embeddings.append(e)
+            self.learn(node, out, i, inbox.y, embeddings, imitation, neighbour)
+        self.apply_late_gradients(node, inbox, out)
+        if node is self.nodes()[-1]:  # the driver runs follow-ups in node order: this one last
+            out.after_backward.append(self.settle)
+        return out
+
+    def learn(self, node, out, i, y, embeddings, imitation, neighbour) -> None:
+        """Node i's target loss on each wiring and its student's distillation loss."""
         logits = [self.classify(i, e) for e in embeddings]
+        if i == 0:
+            out.logits = logits[0]  # `main`: node 0 as trained
         if y is None:
-            return embeddings[0], logits[0], 0.0
+            return
         w = self.cfg.mach
-        target = sum(F.cross_entropy(out, y) for out in logits) / len(logits)
-        loss = w.target_weight * target
-        self.meter.add(f"train/loss_c{i}", target)
+        target = sum(F.cross_entropy(z, y) for z in logits) / len(logits)
+        out.add_loss(w.target_weight * target)
+        node.meter.add(f"train/loss_c{i}", target)
         if imitation is not None and neighbour is not None:
             distill = distillation_loss(imitation, neighbour)
-            loss = loss + w.student_weight * distill
-            self.meter.add(f"train/distill_c{i}", distill)
-        return embeddings[0], logits[0], loss
+            out.add_loss(w.student_weight * distill)
+            node.meter.add(f"train/distill_c{i}", distill)
 
-    def _publish(self, j, embedding, shared, wiring, delays, store) -> None:
-        """What consumers of node j see: the embedding itself, or a leaf if its edge is delayed."""
-        delay = self.edge_delay(j, delays)
-        if not self.consumers(j):
-            return
-        shared[j] = embedding
-        if delay > 0 and embedding.requires_grad:
-            shared[j] = embedding.detach().requires_grad_()
-            wiring.leaves[j] = (shared[j], delay)
-        if store is not None:
-            self._store_forward(j, *store)
+    def publish(self, node, inbox, out, live, parts: list, student: bool) -> torch.Tensor:
+        """Node j's embedding `live()`, sent to its consumers over edges of gradient delay d_j.
+        While any edge is late its forward is kept (x, and the neighbours' parts unless the
+        student stood in for them): a late gradient, or one a consumer's replay sends on, may
+        come back to it."""
+        j, t, delays = node.index, inbox.batch, inbox.delays
+        consumers = self.graph.consumers(j)
+        if not consumers:
+            return live()
+        if any(delays[k] > 0 for k in range(self.num_nodes()) if self.graph.consumers(k)):
+            inputs = (inbox.x,) if student else (inbox.x, *parts)
+            fn = lambda w, *_: live()  # noqa: E731  (graph_now: this forward, live weights)
+            e = node.stored.forward(t, fn, inputs, t + delays[j], True, student=student)
+        else:
+            e = live()
+        shift = self.num_nodes() if self.graph.standalone else 0
+        for i in consumers:
+            out.send(shift + i, e, t, delay=delays[j], kind=EMBEDDING)
+            if delays[j] > 0:  # the driver hands i a leaf: a message if a gradient reaches it
+                self._sent.append(out.messages[-1])
+        return e
 
-    def _store_forward(self, j: int, x, kind: str, neighbour) -> None:
-        item: dict[str, Any] = {
-            "x": x.detach(),
-            "kind": kind,
-            "neighbour": None if neighbour is None else neighbour.detach(),
-        }
-        if self.grad_mode == "stash":
-            item["weights"] = [
-                {n: p.detach().clone() for n, p in m.named_parameters()}
-                for m in self.node_modules(j)
-            ]
-        self.stored.push((self.batch_step, j), -1, item)
+    def apply_late_gradients(self, node: Node, inbox: Inbox, out: Outbox) -> None:
+        """(e * g).sum() through each batch's replayed forward, g summed over its consumers; what
+        reaches the replay's neighbour inputs goes on to those neighbours, due max(d_k, 1) later."""
+        grads: dict[int, torch.Tensor] = {}
+        sent = set()  # one update per batch and sending step (the consumers of one step: one)
+        for m in inbox.take(GRADIENT):
+            grads[m.batch] = m.tensor if m.batch not in grads else grads[m.batch] + m.tensor
+            sent.add((m.batch, m.step))
+            self.pending[m.batch] -= 1
+        out.ages = [inbox.step - s for s, _ in sorted(sent)]
+        for s, g in sorted(grads.items()):
+            student = node.stored.meta(s)["student"]
+            nbrs = [] if student else self.neighbours(node.index)
+            fn = self.replayed(node.index, student)
+            e, leaves = node.stored.replay(s, fn, [False] + [True] * len(nbrs))
+            out.add_loss((e * g).sum())
+            for k, leaf in zip(nbrs, leaves[1:]):
+                out.give_back(leaf, k, s, delay=max(inbox.delays[k], 1))
+                self._sent.append(out.returns[-1])
+            out.applied.append(s)
 
-    # ----- training -----
-    def step_objective(self, x, y):
-        """The scalar whose one backward trains every node, the wiring, and the messages applied."""
-        wiring = self.wire(x, y, self.schedule.delays(self.batch_step))
-        arrived, applied = self._arrived_messages(self.batch_step)
-        return wiring.objective + arrived, wiring, applied
+    def replayed(self, j: int, student: bool):
+        """fn(weights, x, *parts): node j's published embedding, rebuilt from stored inputs."""
 
-    def after_backward(self, wiring: Wiring, applied: list) -> None:
-        self._send_messages(wiring.leaves, applied, self.batch_step)
+        def fn(weights, x, *parts):
+            neighbour = torch.cat(parts, dim=1) if parts else None
+            return self.embed(j, x, neighbour, weights, use_student=student)
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        objective, wiring, applied = self.step_objective(x, y)
-        optimizers = self.component_optimizers()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(objective)
-        self.after_backward(wiring, applied)
-        for optimizer in optimizers:
-            optimizer.step()
-        logits = wiring.logits[0].detach()
-        return {"loss": F.cross_entropy(logits, y), "logits": logits}
+        return fn
 
-    def _arrived_messages(self, step: int):
-        """(e * g).sum() for every gradient message due now, through its batch's rebuilt forward."""
-        terms, applied = [], []
-        for key, message in self.messages.due(step):
-            self.messages.pop(key)
-            batch, j = key[0], key[1]
-            embedding, leaf = self._rebuild(j, self.stored.get((batch, j)))
-            terms.append((embedding * message["grad"]).sum())
-            applied.append((batch, j, leaf))
-            self.staleness.record(j, step - batch)
-        return (torch.stack(terms).sum() if terms else 0.0), applied
+    def settle(self) -> None:
+        """After the backward: count the messages now in flight; forget what none can reach."""
+        for sent in self._sent:
+            if sent.tensor.grad is not None:
+                self.pending[sent.batch] += 1
+        self._sent = []
+        self.pending = Counter({b: c for b, c in self.pending.items() if c > 0})
+        for node in self.nodes():
+            if node.stored is not None:
+                for s in [s for s in node.stored.records if s not in self.pending]:
+                    node.stored.forget(s)
 
-    def _rebuild(self, j: int, item: dict):
-        """Node j's published embedding of a stored batch; its neighbour input as a leaf."""
-        modules = self.node_modules(j)
-        weights = None
-        if self.grad_mode == "stash":
-            weights = [stashed_params(m, snap) for m, snap in zip(modules, item["weights"])]
-        leaf = None
-        if item["neighbour"] is not None:
-            leaf = item["neighbour"].detach().requires_grad_()
-        with frozen_buffers(nn.ModuleList(modules)):  # this batch's statistics already counted
-            embedding = self.embed(
-                j, item["x"], leaf, weights, use_student=item["kind"] == "student"
-            )
-        return embedding, leaf
+    # ----- in-flight state beyond the stored forwards -----
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": dict(self.pending)}
 
-    def _send_messages(self, leaves: dict, applied: list, step: int) -> None:
-        """Queue this step's gradient messages; forget stored forwards no message can reach."""
-        for j, (leaf, delay) in leaves.items():
-            if leaf.grad is not None:
-                self.messages.push((step, j, step), step + delay, {"grad": leaf.grad.detach()})
-        delays = self.schedule.delays(step)
-        for batch, j, leaf in applied:
-            if leaf is None or leaf.grad is None:
-                continue
-            start = 0
-            for k in self.neighbours(j):  # the leaf is the concatenation of j's neighbours
-                width = self.embedding_width(k)
-                grad = leaf.grad[:, start : start + width].detach()
-                start += width
-                due = step + max(self.edge_delay(k, delays), 1)
-                self.messages.push((batch, k, step), due, {"grad": grad})
-        pending = {key[0] for key in self.messages.items}
-        for key in [k for k in self.stored.items if k[0] not in pending]:
-            self.stored.pop(key)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = Counter({int(b): int(c) for b, c in state.get("pending", {}).items()})
 
-    # ----- evaluation -----
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wire(x).logits[0]
-
+    # ----- evaluation and simulated time (methods/mach_wiring.py) -----
     def eval_head_names(self) -> list[str]:
         return [MAIN_HEAD] + [f"c{i}" for i in range(self.num_nodes())]
 
     def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = {MAIN_HEAD: self(x)}
+        logits = {MAIN_HEAD: wired(self, x, self.modes, set(range(self.num_nodes())))[0]}
         for i in range(self.num_nodes()):
             logits[f"c{i}"] = self.standalone_model(i)(x)
         return logits
 
     def chain_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Node i fed by its real neighbours, all the way: the full chain its student replaces."""
-        modes = ["neighbour"] * len(self.modes)
-        return self.wire(x, modes=modes, nodes=reachable_nodes(self.neighbours, i)).logits[i]
+        nodes = reachable_nodes(self.neighbours, i)
+        return wired(self, x, ["neighbour"] * len(self.modes), nodes)[i]
 
-    # ----- simulated time, logging, checkpoints -----
-    def sim_layout(self) -> SimLayout:
-        return SimLayout(parallel=True)  # embeddings one way, delayed gradients the other
-
-    def on_train_batch_start(self, batch, batch_idx) -> None:
-        x, step = batch[0], self.batch_step
-        if self.sim_clock.due(step):  # each node's own work, not a chain; the base then skips
-            self.sim_clock.measure_work(self, lambda: node_work(self, x), x.device, step)
-        super().on_train_batch_start(batch, batch_idx)
-
-    def step_metrics(self, at_log_point: bool) -> dict[str, float]:
-        metrics = super().step_metrics(at_log_point)
-        if at_log_point:
-            metrics.update(self.meter.summary())
-        return metrics
-
-    def inflight_bytes(self) -> int:
-        return self.messages.held_bytes() + self.stored.held_bytes()
-
-    def topology_state_dict(self) -> dict[str, Any]:
-        return {
-            **super().topology_state_dict(),
-            "messages": self.messages.state_dict(),
-            "stored": self.stored.state_dict(),
-        }
-
-    def load_topology_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_topology_state_dict(state)
-        self.messages.load_state_dict(state.get("messages", []))
-        self.stored.load_state_dict(state.get("stored", []))
+    def node_work(self, x: torch.Tensor) -> list[tuple]:
+        return node_work(self, x)

@@ -4,9 +4,9 @@ Component i's teacher f_i sees x and the embedding of component i+1 (its *child*
 student's imitation of it (mach.use_student); the last component sees x alone. Every component
 has its own target head and loss, and component i's student learns to reproduce component i+1's
 embedding from x. The child's gradient from its parent is delayed by the child's d_{i+1}
-(staleness.schedule) through the engine's queues; see methods/mach_base.py for the mechanics.
-At evaluation every component uses its student, not its child (val/acc_c{i}), so each is usable
-alone; val/acc is component 0 as trained. The main job: configs/seq.yaml.
+(staleness.schedule); see methods/mach_base.py for the mechanics. At evaluation every component
+uses its student, not its child (val/acc_c{i}), so each is usable alone; val/acc is component 0
+as trained. The main job: configs/seq.yaml.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from torch import nn
 
 from mach_lightning.core.mach_blocks import build_mach_component, teacher_embedding_dim
 from mach_lightning.methods import register_topology
-from mach_lightning.methods.mach_base import MachTopology
+from mach_lightning.methods.mach_base import Edges, MachConfig, MachRule
 
 
-@register_topology
-class MachSeq(MachTopology):
+@register_topology(section=MachConfig)
+class MachSeq(MachRule):
     """f_i(x, e_{i+1}) for i < K-1, f_{K-1}(x); students s_i(x) ~ e_{i+1}."""
 
     name = "mach_seq"
 
     def build_components(self) -> nn.ModuleList:
-        k = self.cfg.model.num_components
+        k = self.num_components
         dim = teacher_embedding_dim(self.cfg, self.input_shape, self.num_classes)
         return nn.ModuleList(
             build_mach_component(
@@ -34,8 +34,7 @@ class MachSeq(MachTopology):
             for i in range(k)
         )
 
-    def neighbours(self, i: int) -> list[int]:
-        return [i + 1] if i + 1 < self.num_nodes() else []
-
-    def publish_order(self) -> list[int]:
-        return list(reversed(range(self.num_nodes())))  # the child first: parents consume it
+    def edges(self) -> Edges:
+        k = self.num_components
+        neighbours = tuple((i + 1,) if i + 1 < k else () for i in range(k))
+        return Edges(neighbours, order=tuple(reversed(range(k))))  # the child first

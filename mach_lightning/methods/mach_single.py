@@ -21,28 +21,28 @@ from torch import nn
 from mach_lightning.checkpoint_io import CheckpointError, load_checkpoint
 from mach_lightning.config import ConfigError
 from mach_lightning.core.blocks import Component
-from mach_lightning.core.inflight import functional_forward
 from mach_lightning.core.mach_blocks import (
     EmbeddingOf,
     build_mach_component,
     embed_through,
     final_linear,
 )
+from mach_lightning.core.weights import functional_forward
 from mach_lightning.methods import register_topology
-from mach_lightning.methods.mach_base import MachTopology
+from mach_lightning.methods.mach_base import Edges, MachConfig, MachRule
 from mach_lightning.nets import build_backbone
 
 UPSTREAM = 1  # the upstream's node index; its components are self.components[1:]
 
 
-@register_topology
-class MachSingle(MachTopology):
+@register_topology(section=MachConfig)
+class MachSingle(MachRule):
     """Node 0: teacher f0(x, e) + student s(x) ~ e; node 1: the upstream chain producing e."""
 
     name = "mach_single"
 
     def build_components(self) -> nn.ModuleList:
-        k = self.cfg.model.num_components
+        k = self.num_components
         if k < 2:
             raise ConfigError(
                 "mach_single needs model.num_components >= 2: one teacher and an "
@@ -61,14 +61,8 @@ class MachSingle(MachTopology):
                 component.requires_grad_(False)
         return components
 
-    def num_nodes(self) -> int:
-        return 2
-
-    def neighbours(self, i: int) -> list[int]:
-        return [UPSTREAM] if i == 0 else []
-
-    def publish_order(self) -> list[int]:
-        return [UPSTREAM, 0]
+    def edges(self) -> Edges:
+        return Edges(neighbours=((UPSTREAM,), ()), order=(UPSTREAM, 0))
 
     def node_modules(self, i: int) -> list[nn.Module]:
         return list(self.components[1:]) if i == UPSTREAM else [self.components[0]]

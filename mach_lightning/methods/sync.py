@@ -1,27 +1,33 @@
-"""Synchronous backprop: the baseline every decoupled topology is compared against."""
+"""Synchronous backprop: the baseline every decoupled method is compared against.
+
+Every link is live: each node's output reaches the next as part of one autograd graph, and the
+last node's loss trains every component in the same step (one optimizer step each).
+"""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 
+from mach_lightning.core.node import Inbox, Node, Outbox
+from mach_lightning.core.rule import ChainRule
 from mach_lightning.methods import register_topology
-from mach_lightning.sim.module import TopologyModule
 
 
 @register_topology
-class Sync(TopologyModule):
-    """End-to-end backprop through all K components; one optimizer step per component per batch."""
+class Sync(ChainRule):
+    """End-to-end backprop through all K components."""
 
     name = "sync"
+    diagnostics = False
+    parallel = False  # simulated time: one backprop chain
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        optimizers = self.component_optimizers()
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        for optimizer in optimizers:
-            optimizer.step()
-        return {"loss": loss.detach(), "logits": logits.detach()}
+    def node_step(self, node: Node, inbox: Inbox) -> Outbox:
+        out = Outbox(node.index, applied=[inbox.batch])
+        h = node.component(inbox.x if node.index == 0 else inbox.one("activation"))
+        if self.is_last(node):
+            out.logits = h
+            if inbox.y is not None:
+                out.add_loss(F.cross_entropy(h, inbox.y))
+        else:
+            out.send(node.index + 1, h, inbox.batch)
+        return out

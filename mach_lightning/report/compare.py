@@ -35,7 +35,9 @@ __all__ = ["Comparison", "Problem", "Row", "Table", "compare"]
 
 
 def _short(key: str) -> str:
-    return key.split(".", 1)[1] if key.startswith(("staleness.", "topology.")) else key
+    # delayed.* and local.* read as their method's settings (the labels of before they moved)
+    short = ("staleness.", "topology.", "delayed.", "local.")
+    return key.split(".", 1)[1] if key.startswith(short) else key
 
 
 def _value(run: Run, key: str) -> str:

@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mach_lightning.config import migrate_legacy_keys
 from mach_lightning.launch.status import Unreadable, read_object  # noqa: F401 (re-exported)
 
 REQUIRED = ("topology.name",)  # in every resolved config: its absence means a cut-short file
@@ -68,7 +69,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise Unreadable(path, "empty: no settings")
     if not isinstance(tree, dict):
         raise Unreadable(path, f"holds a YAML {type(tree).__name__}, not a mapping")
-    config = flatten(tree)
+    config = flatten(migrate_legacy_keys(tree))  # a run from before the method sections: new keys
     missing = [k for k in REQUIRED if config.get(k) is None]
     if missing:
         raise Unreadable(path, f"no {', '.join(missing)} (cut short?)")

@@ -4,9 +4,9 @@ Every key of a run's resolved config (flattened: `optim.lr`) is one of:
 
 - ignored (IGNORE): where files live, logging, devices, cadences that change no compared number.
 - a table key (`data.*`, `model.*`): one table per distinct set; runs meet only in their table.
-- the topology's own (OWN: `topology.*`, `staleness.*`, `synth.*`, `mach.*`): sync reads none of
-  them; they are what a row compares (named in its label where they vary), never a reason to
-  refuse a baseline.
+- the topology's own (OWN: `topology.*`, `staleness.*` and the method sections `delayed.*`,
+  `local.*`, `synth.*`, `mach.*`): sync reads none of them; they are what a row compares (named
+  in its label where they vary), never a reason to refuse a baseline.
 - a tuning key (TUNING): may differ from the baseline's; the row shows it ("lr 5e-4 (sync 1e-3)").
 - anything else (the training budget `trainer.max_epochs`, `trainer.max_steps`,
   `trainer.limit_train_batches`, precision, validation cadence, and any key added later): must
@@ -49,7 +49,7 @@ IGNORE = (
     "num_classes",
 )
 TABLE_PREFIXES = ("data.", "model.")
-OWN = ("topology.", "staleness.", "synth.", "mach.")
+OWN = ("topology.", "staleness.", "delayed.", "local.", "synth.", "mach.")
 # The optimiser's hyperparameters are each method's own to tune: configs/dni.yaml halves the
 # learning rate because early synthetic gradients are poor, and a sweep may search optim.lr per
 # topology. The budget, data, model and seeds define the comparison; these only how each side
@@ -67,12 +67,12 @@ SHORT = {"optim.name": "optimizer"}
 
 # Of the OWN keys, those each topology reads (from its source); a topology not listed reads them
 # all, so a new one keeps every setting in its labels rather than pooling different ones.
-_MACH = ("topology.grad_mode", "staleness.", "mach.use_student", "mach.target_weight")
+_MACH = ("mach.grad_mode", "staleness.", "mach.use_student", "mach.target_weight")
 _MACH += ("mach.student_weight", "mach.student_width", "mach.student_depth")
 READS = {
     "sync": (),
-    "delayed": ("topology.grad_mode", "topology.dcasgd_", "staleness."),
-    "local": ("topology.aux_head", "topology.aux_hidden", "topology.async_buffer", "staleness."),
+    "delayed": ("delayed.", "staleness."),
+    "local": ("local.", "staleness."),
     "dni": ("synth.", "staleness."),
     "cdni": ("synth.", "staleness."),
     "mach_seq": _MACH,
@@ -105,7 +105,7 @@ UNREAD_WHEN.update(
         "optim.momentum": ("optim.name", ("adam", "adamw")),
         "optim.step_size": ("optim.scheduler", ("none", "cosine")),
         "optim.gamma": ("optim.scheduler", ("none", "cosine")),
-        "topology.aux_hidden": ("topology.aux_head", ("linear",)),
+        "local.aux_hidden": ("local.aux_head", ("linear",)),
     }
 )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from mach_lightning.config import migrate_legacy_keys
 from mach_lightning.report.files import flatten
 from mach_lightning.report.load import FINISHED, ReportError, Run
 
@@ -68,7 +69,8 @@ def numeric(row: dict) -> dict[str, float]:
 
 def from_wandb_run(wrun, entity: str, project: str) -> Run:
     """A public-API run as a report Run: config, full history, summary as the result."""
-    config = flatten({k: v for k, v in dict(wrun.config).items() if not k.startswith("_")})
+    config = {k: v for k, v in dict(wrun.config).items() if not k.startswith("_")}
+    config = flatten(migrate_legacy_keys(config))  # a run logged before the method sections
     history = [numeric(row) for row in wrun.scan_history()]
     for row in history:  # WandbLogger logs the batch step as trainer/global_step
         if "step" not in row and STEP in row:

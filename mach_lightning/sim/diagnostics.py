@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from mach_lightning.core.inflight import frozen_buffers
+from mach_lightning.core.weights import frozen_buffers
 
 
 class StalenessTracker:
@@ -167,20 +166,38 @@ class GradientProbe:
         self.batches = {int(s): b for s, b in state.get("batches", {}).items()}
 
 
-class StaleDiagnosticsMixin:
-    """Staleness histogram, gradient cosines and in-flight memory for a TopologyModule subclass.
+class Diagnostics:
+    """Staleness histogram and gradient cosines of a run: the simulator records, logs and saves."""
 
-    Put it before TopologyModule in the bases; call `init_diagnostics()` in __init__, record with
-    `self.staleness.record(i, d)`, and set `self.probe_metrics` after `self.probe.compare(...)`.
-    """
+    def __init__(self, cfg, probe: bool = True):
+        self.staleness = StalenessTracker(cfg.model.num_components)
+        self.probe = GradientProbe(cfg.diagnostics.cosine_every_n_steps if probe else 0)
+        self.probe_metrics: dict[str, float] = {}
 
+    def metrics(self, at_log_point: bool, inflight_bytes) -> dict[str, float]:
+        metrics = {}
+        if at_log_point:
+            metrics.update(self.staleness.window_metrics())
+            metrics["diag/inflight_mb"] = inflight_bytes() / 2**20
+        metrics.update(self.probe_metrics)
+        self.probe_metrics = {}
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"staleness": self.staleness.state_dict(), "probe": self.probe.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.staleness.load_state_dict(state.get("staleness", {}))
+        self.probe.load_state_dict(state.get("probe", {}))
+
+
+class StaleDiagnosticsMixin:  # TEMPORARY: for methods not yet ported to rules
     def init_diagnostics(self) -> None:
         self.staleness = StalenessTracker(self.cfg.model.num_components)
         self.probe = GradientProbe(self.cfg.diagnostics.cosine_every_n_steps)
         self.probe_metrics: dict[str, float] = {}
 
     def inflight_bytes(self) -> int:
-        """Bytes held in flight (queues, buffers); topologies override."""
         return 0
 
     def step_metrics(self, at_log_point: bool) -> dict[str, float]:
@@ -192,15 +209,8 @@ class StaleDiagnosticsMixin:
         self.probe_metrics = {}
         return metrics
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        schedule = getattr(self, "schedule", None)
-        if schedule is not None:  # the settings are in config.yaml; this says what they mean
-            rank_zero_info(f"{self.name}: staleness schedule {schedule.describe()}")
-
     def on_train_end(self) -> None:
         super().on_train_end()
-        # The histogram is logged once, straight to the loggers (self.log is not allowed here).
         if self.trainer.is_global_zero:
             for logger in self.loggers:
                 logger.log_metrics(self.staleness.histogram_metrics(), step=self.batch_step)

@@ -1,70 +1,48 @@
-"""The LightningModule all topologies share: components, optimizers, step counter, metrics.
+"""The simulator's LightningModule: one module runs any method's rule, every node in one process.
 
-A topology subclasses `TopologyModule` and writes `training_step` with manual optimization; this
-base class does the bookkeeping around it (batch-step counter, timing, metric logging, schedulers,
-checkpointed topology state, the lean backward/step path) so the topology file shows its
-mechanism and nothing else.
+It builds the rule's modules (their state_dict keys: `components.{i}...`, `synthesizers.{i}...`),
+hands each batch to the driver (sim/step.py, sim/driver.py), and does the bookkeeping around it:
+the batch-step counter, timing, metric logging, schedulers, the lean backward/step path, and the
+in-flight state in checkpoints (sim/checkpointing.py). Evaluation: sim/evaluation.py.
 
 Metric names (the documented scheme, also in the README):
   train/loss, train/acc            mean over the last `trainer.log_every_n_steps` batch steps
   val/loss, val/acc, test/...      the full-model output on the split
-  val/acc_c{i}, test/acc_c{i}      component i's own output, for topologies where it has one
+  val/acc_c{i}, test/acc_c{i}      component i's own output, for methods where it has one
   time/step_ms, time/samples_per_s wall-clock of training_step, same window as train/loss
   time/sim_step_ms, time/sim_elapsed_s  simulated parallel time (sim/simtime.py; `sim_layout`)
-Every metric is logged against `step`, the topology's own batch-step counter (Lightning's
+Every metric is logged against `step`, the module's own batch-step counter (Lightning's
 `global_step` counts every optimizer's steps, K per batch here).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
-from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
-from mach_lightning.core.blocks import Component, build_optimizer, build_scheduler
-from mach_lightning.nets import build_backbone
+from mach_lightning import internals
+from mach_lightning.core.blocks import build_optimizer, build_scheduler
+from mach_lightning.core.rule import MAIN_HEAD
+from mach_lightning.methods import rule_class
+from mach_lightning.sim.checkpointing import InFlightState
+from mach_lightning.sim.diagnostics import Diagnostics
+from mach_lightning.sim.driver import LockstepDriver
+from mach_lightning.sim.evaluation import Evaluation
 from mach_lightning.sim.lean_steps import DirectStep, lean_step_blockers
 from mach_lightning.sim.meter import DivergenceWatch, TrainMeter
-from mach_lightning.sim.rank_state import gather_from_ranks, state_of_rank
 from mach_lightning.sim.simtime import SimClock, SimLayout, slowdowns_from_config
+from mach_lightning.sim.staleness import create_schedule
+from mach_lightning.sim.step import measure, train_step
 
-MAIN_HEAD = "main"
 
-
-class TopologyModule(LightningModule):
+class TopologyModule(Evaluation, InFlightState, LightningModule):
     """Base for every topology: K components from the configured backbone, one optimizer each."""
-
-    name: ClassVar[str] = ""
-    # Lightning sets `_current_fx_name` around every hook it calls (some 30 times a batch), and
-    # nn.Module.__setattr__ checks each value against Parameter, Module and Tensor first; these
-    # attributes only ever hold plain values, so they skip the checks.
-    _PLAIN_ATTRIBUTES: ClassVar[frozenset] = frozenset(
-        {"_current_fx_name", "batch_step", "_step_started", "_batch_counted", "_batch_finished"}
-    )
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in TopologyModule._PLAIN_ATTRIBUTES:
-            self.__dict__[name] = value
-        else:
-            super().__setattr__(name, value)
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        # Lightning reads training_step's signature before every batch (does it take batch_idx?);
-        # a precomputed __signature__ answers inspect in a third of the time.
-        step = cls.__dict__.get("training_step")
-        if step is not None and "__signature__" not in vars(step):
-            step.__signature__ = inspect.signature(step)
 
     def __init__(self, cfg: DictConfig | dict, input_shape: tuple, num_classes: int):
         super().__init__()
@@ -78,9 +56,20 @@ class TopologyModule(LightningModule):
         )
         self.automatic_optimization = False
         self.cfg, self.input_shape, self.num_classes = cfg, tuple(input_shape), num_classes
-        self.components = self.build_components()
+        self.rule = rule_class(cfg.topology.name)(cfg, self.input_shape, num_classes)
+        for attribute, module in self.rule.modules().items():  # components, synthesizers, ...
+            setattr(self, attribute, module)
+        self.driver = LockstepDriver(self.rule, self.rule.nodes())
+        self.schedule = create_schedule(cfg.staleness, len(self.components), cfg.seed)
+        self.diagnostics = Diagnostics(cfg, self.rule.probe) if self.rule.diagnostics else None
         self.batch_step = 0
         self.sim_clock = SimClock(cfg.simtime, slowdowns_from_config(cfg))
+        self._layout = SimLayout(
+            parallel=self.rule.parallel,
+            messages_per_link=self.rule.messages_per_link,
+            extra_forwards=self.rule.extra_forwards,
+            rates=self.rule.rates(self.schedule.active),
+        )
         self.eval_metrics = nn.ModuleDict(
             {split: self._make_eval_metrics() for split in ("val", "test")}
         )
@@ -95,41 +84,30 @@ class TopologyModule(LightningModule):
         self._train_optimizers: list | None = None  # set while fitting: see on_train_start
         self.lean_steps = False  # True while fitting on the lean path (sim/lean_steps.py)
 
-    # ----- structure: subclasses override these to add heads, synthesizers, students -----
-    def build_components(self) -> nn.ModuleList:
-        blocks = build_backbone(self.cfg.model, self.input_shape, self.num_classes)
-        return nn.ModuleList(Component(block, i) for i, block in enumerate(blocks))
+    @property
+    def name(self) -> str:
+        return self.rule.name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for component in self.components:
-            x = component(x)
-        return x
+        return self.rule.eval_logits(x)[MAIN_HEAD]
 
     def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits to evaluate: the full model under MAIN_HEAD, plus 'c{i}' per component head."""
-        return {MAIN_HEAD: self(x)}
+        return self.rule.eval_logits(x)
 
     def eval_head_names(self) -> list[str]:
-        return [MAIN_HEAD]
+        return self.rule.eval_head_names()
 
-    def optimizer_groups(self) -> list[list[nn.Parameter]]:
-        """One parameter list per optimizer; default: one per component."""
-        return [list(c.parameters()) for c in self.components]
+    def standalone_model(self, i: int) -> nn.Module:
+        """Component i as a model of x alone, for the methods that have one (MACH)."""
+        return self.rule.standalone_model(i)
 
-    def topology_state_dict(self) -> dict[str, Any]:
-        """In-flight state saved in checkpoints (queues, counters); extend with super()."""
-        return {
-            "batch_step": self.batch_step,
-            "sim_clock": self.sim_clock.state_dict(),
-            "meter": self._meter.state_dict(),
-            "divergence": self._watch.state_dict(),
-        }
+    def num_nodes(self) -> int:
+        """How many components can be taken out on their own (MACH); see `standalone_model`."""
+        return self.rule.num_nodes()
 
-    def load_topology_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch_step = int(state.get("batch_step", 0))
-        self.sim_clock.load_state_dict(state.get("sim_clock", {}))
-        self._meter.load_state_dict(state.get("meter", {}))
-        self._watch.load_state_dict(state.get("divergence", {}))
+    def chain_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.rule.chain_logits(i, x)
 
     @property
     def diverged(self) -> str:
@@ -137,22 +115,30 @@ class TopologyModule(LightningModule):
         return self._watch.diverged
 
     def sim_layout(self) -> SimLayout:
-        """How components share a step in simulated parallel time; default: a backprop chain."""
-        return SimLayout(parallel=False)
+        """How components share a step in simulated parallel time (the rule's facts)."""
+        return self._layout
+
+    def inflight_bytes(self) -> int:
+        return self.driver.held_bytes()
 
     def step_metrics(self, at_log_point: bool) -> dict[str, float]:
-        """Extra metrics to log after this batch step (diagnostics); extend with super()."""
-        return self.sim_clock.metrics() if at_log_point else {}
+        """Extra metrics to log after this batch step: simulated time, diagnostics, nodes'."""
+        metrics = self.sim_clock.metrics() if at_log_point else {}
+        if self.diagnostics is not None:
+            metrics.update(self.diagnostics.metrics(at_log_point, self.inflight_bytes))
+        if at_log_point:
+            for node in self.driver.nodes:
+                metrics.update(node.meter.summary())
+        return metrics
 
-    def wrap_optimizer(self, optimizer, index: int):
-        """Hook to wrap optimizer `index` (e.g. delay compensation) before schedulers attach."""
-        return optimizer
+    def training_step(self, batch, batch_idx):
+        return train_step(self, batch[0], batch[1])
 
     # ----- optimizers -----
     def configure_optimizers(self):
         optimizers = [
-            self.wrap_optimizer(build_optimizer(group, self.cfg.optim), i)
-            for i, group in enumerate(self.optimizer_groups())
+            self.rule.wrap_optimizer(build_optimizer(params, optim), i)
+            for i, (params, optim) in enumerate(self.rule.optimizer_groups())
         ]
         schedulers = [
             build_scheduler(o, self.cfg.optim, self.cfg.trainer.max_epochs) for o in optimizers
@@ -186,8 +172,16 @@ class TopologyModule(LightningModule):
         self.lean_steps = wanted and not blockers
         self._train_optimizers = [DirectStep(o) for o in optimizers] if self.lean_steps else None
 
+    def on_fit_start(self) -> None:
+        if self.diagnostics is not None:  # config.yaml has the settings; this says what they mean
+            rank_zero_info(f"{self.name}: staleness schedule {self.schedule.describe()}")
+
     def on_train_end(self) -> None:
         self._train_optimizers, self.lean_steps = None, False
+        # The staleness histogram is logged once, straight to the loggers (no self.log here).
+        if self.diagnostics is not None and self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(self.diagnostics.staleness.histogram_metrics(), self.batch_step)
 
     def manual_backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         if self.lean_steps:
@@ -205,7 +199,7 @@ class TopologyModule(LightningModule):
     # ----- bookkeeping around each training step -----
     def on_train_batch_start(self, batch, batch_idx) -> None:
         if self.sim_clock.due(self.batch_step):  # side-effect free; see sim/simtime.py
-            self.sim_clock.measure(self.components, batch[0], self.batch_step)
+            measure(self.sim_clock, self, batch[0], self.batch_step)
         self._step_started = time.perf_counter()
         self._batch_counted = self._batch_finished = False
 
@@ -247,70 +241,25 @@ class TopologyModule(LightningModule):
 
         Straight to the loggers (rank zero only): values given to `self.log` stay in Lightning's
         results and are re-sent at every later step, repeating rows and costing time per step.
-        Callbacks, `result.json` and the progress bar read the trainer's metric dicts, which are
-        filled directly too: `self.log` costs about 0.25 ms per key on the CPU.
+        Callbacks, `result.json` and the progress bar read the trainer's metric dicts: filled
+        directly (internals.DIRECT_METRICS says what that buys), else through `self.log`.
         """
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.batch_step)
-        self.trainer.callback_metrics.update({k: torch.as_tensor(v) for k, v in metrics.items()})
+        if internals.DIRECT_METRICS:
+            values = {k: torch.as_tensor(v) for k, v in metrics.items()}
+            self.trainer.callback_metrics.update(values)
+            if "train/loss" in metrics:
+                self.trainer.progress_bar_metrics["loss"] = metrics["train/loss"]
+            return
+        self.log_dict(metrics, logger=False, on_step=True, on_epoch=False)
         if "train/loss" in metrics:
-            self.trainer.progress_bar_metrics["loss"] = metrics["train/loss"]
+            self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, on_epoch=False)
 
-    # ----- evaluation -----
-    def _make_eval_metrics(self) -> nn.ModuleDict:
-        metrics = {
-            head: MulticlassAccuracy(self.num_classes, average="micro")
-            for head in self.eval_head_names()
-        }
-        return nn.ModuleDict({**metrics, "loss": MeanMetric()})
 
-    def _eval_step(self, split: str, batch) -> None:
-        x, y = batch
-        logits = self.eval_logits(x)
-        metrics = self.eval_metrics[split]
-        for head, head_logits in logits.items():
-            metrics[head].update(head_logits, y)
-        metrics["loss"].update(F.cross_entropy(logits[MAIN_HEAD], y), weight=y.shape[0])
-
-    def _log_eval(self, split: str, label: str | None = None) -> None:
-        metrics, label = self.eval_metrics[split], label or split
-        values = {f"{label}/loss": metrics["loss"].compute()}
-        for head in self.eval_head_names():
-            suffix = "" if head == MAIN_HEAD else f"_{head}"
-            values[f"{label}/acc{suffix}"] = metrics[head].compute()
-        for metric in metrics.values():
-            metric.reset()
-        self.log_dict(
-            {**values, "step": float(self.batch_step), "epoch": float(self.current_epoch)}
-        )
-        self.log(f"{label}_acc", values[f"{label}/acc"], prog_bar=True, logger=False)
-
-    def validation_step(self, batch, batch_idx) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch, batch_idx) -> None:
-        self._eval_step("test", batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_eval("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_eval("test", label=self.test_label)
-
-    # ----- checkpoints carry the in-flight state -----
-    # Under DDP each rank holds its own in-flight state (its own batches' queues and meter):
-    # every rank's goes into the checkpoint, and each rank resumes from its own.
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.count_batch()  # saved from a callback's on_train_batch_end: the batch is trained
-        state = self.topology_state_dict()
-        checkpoint["topology_state"] = state
-        if self.trainer.world_size > 1:
-            checkpoint["topology_state_ranks"] = gather_from_ranks(state, self.trainer.world_size)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("topology_state", {})
-        ranks = checkpoint.get("topology_state_ranks")
-        world = self.trainer.world_size  # loaded by a Trainer (fit, or test of the best)
-        if ranks is not None or world > 1:
-            state = state_of_rank(ranks, self.global_rank, world, state)
-        self.load_topology_state_dict(state)
+def create_topology(cfg, input_shape: tuple, num_classes: int) -> LightningModule:
+    """The simulator running the method cfg.topology.name, for data of this shape and classes."""
+    cls = rule_class(cfg.topology.name)
+    if issubclass(cls, LightningModule):  # TEMPORARY: a method not yet ported to a rule
+        return cls(cfg, tuple(input_shape), num_classes)
+    return TopologyModule(cfg, tuple(input_shape), num_classes)

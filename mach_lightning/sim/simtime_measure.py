@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from mach_lightning.core.inflight import frozen_buffers
+from mach_lightning.core.weights import frozen_buffers
 
 
 @dataclass

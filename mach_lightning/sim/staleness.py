@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mach_lightning.config import register_choices
+from mach_lightning.core.random import step_generator
 
 SCHEDULES: dict[str, type[StalenessSchedule]] = {}
 
@@ -35,11 +36,6 @@ def register_schedule(cls: type) -> type:
 
 def list_schedules() -> list[str]:
     return sorted(SCHEDULES)
-
-
-def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    """A generator seeded by (seed, step, salt): reproducible, resumable, independent of order."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + salt)
 
 
 def create_schedule(staleness_cfg, num_components: int, run_seed: int = 0) -> StalenessSchedule:
