@@ -15,8 +15,13 @@ Target: fit / plain <= 1.10.
          lean backward/step path (mach_lightning/sim/lean_steps.py)
   full   `fit` with trainer.lean_steps=false: Lightning's full backward/step path
 
+--internals times `fit` instead against `fit` with each switch of mach_lightning/internals.py
+turned off (the public API in place of a private Lightning internal), side by side the same way:
+what each switch buys. On a loaded machine, `--threads 1 --clock cpu` (this process's CPU time)
+keeps other jobs out of the figures.
+
     python bench/overhead.py [--steps 500] [--reps 7] [--components 1 2 4] [--batch-size 128]
-                             [--mnist DIR]
+                             [--mnist DIR] [--internals] [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -25,18 +30,27 @@ import argparse
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
+import step_clock
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from omegaconf import OmegaConf
 from step_clock import WARMUP, StepClock, timed_run_overrides
 
+from mach_lightning import internals
 from mach_lightning.config import load_config
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
 from mach_lightning.sim import create_topology
+
+CLOCK = {"now": time.perf_counter}  # --clock cpu: time.process_time
+
+
+def now() -> float:
+    return CLOCK["now"]()
 
 
 def make_cfg(args, k: int, run_root: str):
@@ -70,7 +84,7 @@ def time_plain(cfg, datamodule) -> float:
     start = 0.0
     for step, (x, y) in enumerate(BatchStream(datamodule, cfg.trainer.max_steps)):
         if step == WARMUP:
-            start = time.perf_counter()
+            start = now()
         out = x
         for block in blocks:
             out = block(out)
@@ -82,7 +96,7 @@ def time_plain(cfg, datamodule) -> float:
             opt.step()
         if step % cfg.trainer.log_every_n_steps == 0:
             float(loss)  # a plain loop prints its loss now and then too
-    return (time.perf_counter() - start) / (cfg.trainer.max_steps - WARMUP)
+    return (now() - start) / (cfg.trainer.max_steps - WARMUP)
 
 
 class BareLoop(LightningModule):
@@ -99,7 +113,7 @@ class BareLoop(LightningModule):
 
     def training_step(self, batch, batch_idx):
         if batch_idx == self.skip:
-            self.start = time.perf_counter()
+            self.start = now()
         x, y = batch
         for block in self.blocks:
             x = block(x)
@@ -113,7 +127,7 @@ class BareLoop(LightningModule):
             opt.step()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.end = time.perf_counter()
+        self.end = now()
 
 
 def time_bare(cfg, datamodule) -> float:
@@ -149,6 +163,8 @@ class BatchStream:
 
 
 VARIANTS = ("plain", "bare", "fit", "full")
+OFF = "no-"  # --internals: "no-<switch>" is fit with that switch of internals.py off
+INTERNAL_VARIANTS = ("fit", *(OFF + name for name in internals.SWITCHES))
 
 
 def time_variant(name: str, cfg, datamodule) -> float:
@@ -156,23 +172,33 @@ def time_variant(name: str, cfg, datamodule) -> float:
         return time_plain(cfg, datamodule)
     if name == "bare":
         return time_bare(cfg, datamodule)
-    lean = OmegaConf.merge(cfg, {"trainer": {"lean_steps": name == "fit"}})
+    if name.startswith(OFF):  # the code reads each switch where it acts, so flipping it works
+        switch = name.removeprefix(OFF).upper()
+        setattr(internals, switch, False)
+        try:
+            return time_fit(cfg, datamodule)
+        finally:
+            setattr(internals, switch, True)
+    lean = OmegaConf.merge(cfg, {"trainer": {"lean_steps": name != "full"}})
     return time_fit(lean, datamodule)
 
 
-def measure(args, k: int, run_root: str) -> dict[str, list[float]]:
+def measure(args, k: int, run_root: str, variants: tuple) -> dict[str, list[float]]:
     """Per-step seconds of every variant, `reps` times. Each repetition runs all variants back to
     back, in an order reversed every other time, so load drifts hit them alike and ratios are
     taken within a repetition."""
     cfg = make_cfg(args, k, run_root)
+    if args.internals:  # simulated time measured once, before the warm-up: each re-timing (some
+        # 0.4 s within the timed steps) would swamp the few percent a switch buys
+        cfg = OmegaConf.merge(cfg, {"simtime": {"remeasure_every_n_steps": 0}})
     datamodule = create_datamodule(cfg.data, cfg.seed)
     datamodule.setup("fit")
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     warmup = OmegaConf.merge(cfg, {"trainer": {"max_steps": WARMUP + 100}})
-    for name in VARIANTS:  # untimed: the first runs in a process pay one-off costs
+    for name in variants:  # untimed: the first runs in a process pay one-off costs
         time_variant(name, warmup, datamodule)
     for rep in range(args.reps):
-        for name in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
+        for name in variants if rep % 2 == 0 else variants[::-1]:
             times[name].append(time_variant(name, cfg, datamodule))
     return times
 
@@ -182,20 +208,7 @@ def ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
     return sorted(a / b for a, b in zip(times[num], times[den]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--components", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument(
-        "--mnist", default=str(Path(__file__).resolve().parents[2] / "shared/data/mnist")
-    )
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as run_root:
-        results = {k: measure(args, k, run_root) for k in args.components}
-    print(f"\nMLP, MNIST batch {args.batch_size}, {args.reps} interleaved repetitions")
-    print("ms/step: medians; ratios: median (and range) of the ratios within each repetition")
+def print_overhead(results: dict) -> None:
     header = ("K", "plain", "bare", "fit", "full", "fit/plain", "range", "fit/bare", "full/plain")
     print("{:>3} {:>7} {:>7} {:>7} {:>7} {:>10} {:>13} {:>9} {:>11}".format(*header))
     for k, times in results.items():
@@ -210,6 +223,50 @@ def main() -> None:
             f" {full_plain:>11.3f}"
         )
     print("target: fit/plain <= 1.10")
+
+
+def print_internals(results: dict) -> None:
+    """Per switch: fit with it off, against fit with every switch on (what the switch buys)."""
+    print(f"{'K':>3} {'variant':>20} {'ms/step':>8} {'/fit':>7} {'range':>13}")
+    for k, times in results.items():
+        for name in INTERNAL_VARIANTS:
+            ms = 1000 * statistics.median(times[name])
+            within = ratios(times, name, "fit")
+            spread = f"{within[0]:.3f}-{within[-1]:.3f}"
+            print(f"{k:>3} {name:>20} {ms:>8.3f} {statistics.median(within):>7.3f} {spread:>13}")
+    print("keep a switch only where /fit >= 1.02 (internals.py)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--components", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--mnist", default=str(Path(__file__).resolve().parents[2] / "shared/data/mnist")
+    )
+    parser.add_argument("--internals", action="store_true", help="what each switch buys")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's own)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu":  # this process's CPU time, for every variant's clock
+        CLOCK["now"] = time.process_time
+        step_clock.time = types.SimpleNamespace(perf_counter=now)  # StepClock's time.perf_counter
+    variants = INTERNAL_VARIANTS if args.internals else VARIANTS
+    with tempfile.TemporaryDirectory() as run_root:
+        results = {k: measure(args, k, run_root, variants) for k in args.components}
+    threads, clock = torch.get_num_threads(), args.clock
+    print(f"\nMLP, MNIST batch {args.batch_size}, {args.reps} interleaved repetitions")
+    print(f"ms/step ({clock} clock, {threads} torch threads): medians; ratios: median (and range)")
+    print("of the ratios within each repetition")
+    (print_internals if args.internals else print_overhead)(results)
 
 
 if __name__ == "__main__":

@@ -44,10 +44,10 @@ DIRECT_METRICS: bool = "direct_metrics" not in OFF
 """Training metrics go into `trainer.callback_metrics` and `trainer.progress_bar_metrics` by
 writing into the dicts those properties return (Lightning's logger connector's own), where
 callbacks (ModelCheckpoint, the progress bar), result.json and tests read them.
-Public path: `self.log_dict(..., logger=False)`, about 0.5 ms per logged key against 0.03 ms.
-Buys (sync, MNIST batch 128, one log point every 20 steps): 130-166 us a step, 2.7-3.3% of the
-step at the benchmark's default settings (1.8-2.3% on one thread); more for a method that logs
-more keys per log point. Used in sim/module.py (log_step_metrics)."""
+Public path: `self.log_dict(..., logger=False)`: 2.7-2.8 ms per log point of 6 keys against
+0.15-0.17 ms. Buys (sync, MNIST batch 128, a log point every 20 steps): 126-133 us a step, 2.5-2.8%
+of the benchmark's 4.8-5.4 ms step at its default settings (1.6-1.8% of a one-thread step); more
+for a method that logs more keys. Used in sim/module.py (log_step_metrics)."""
 
 LEAN_STEP_COUNT: bool = "lean_step_count" not in OFF
 """On the lean path (sim/lean_steps.py), a `DirectStep` steps the torch optimizer between
@@ -55,15 +55,19 @@ LEAN_STEP_COUNT: bool = "lean_step_count" not in OFF
 manual-optimization loop installs on it every batch to count the step (`trainer.global_step`,
 which checkpointing relies on) and time it for its profiler.
 Public path: `LightningOptimizer.step`, through the strategy, the precision plugin and a round of
-on_before_optimizer_step hooks that pass the call through.
-Buys: 48-78 us per optimizer step, K per batch: 1.0% of the step at K=1, 3.2% at K=2, 5.9% at
-K=4 at the benchmark's default settings (0.6%, 1.6%, 3.0% on one thread). Used in
-sim/lean_steps.py (DirectStep)."""
+on_before_optimizer_step hooks that pass the call through: 67-97 us per optimizer step around
+the torch step, against 8-15 us. Buys, K optimizer steps a batch: 81 us a step at K=1 (1.5% of
+the benchmark's step at its default settings), 134 us at K=2 (2.8%), 238 us at K=4 (4.5%).
+Used in sim/lean_steps.py (DirectStep)."""
 
-# Measured and dropped for the public API (same benchmark; per step, 2-thread default settings):
-# - `__setattr__` skipping nn.Module's checks for `_current_fx_name`, which Lightning sets around
-#   every hook (26-32 times a batch): 37-48 us, 0.8-1.0%. nn.Module.__setattr__ now.
-# - a precomputed `training_step.__signature__` for the signature Lightning reads each batch
-#   (1.2 reads a batch): 9 us, 0.2%. inspect reads it.
-# - submitit's `_make_sbatch_string` for the dry run's sbatch file: no training cost at all; the
-#   dry run writes the lines from the parameters given to submitit's public update_parameters.
+# Measured and dropped for the public API (same benchmark; per step; % of a 4.8-5.4 ms step):
+# - a `__setattr__` skipping nn.Module's checks for `_current_fx_name`, which Lightning sets
+#   around every hook (26-32 times a batch, 1.4 us saved each): 37-48 us, 0.7-1.0%.
+# - a precomputed `training_step.__signature__`, for the signature Lightning reads 1.2 times a
+#   batch (8 us saved each): 9 us, 0.2%.
+# - submitit's `_make_sbatch_string`, for the dry run's sbatch file: no training cost at all; the
+#   dry run writes the lines itself from the parameters given to submitit's update_parameters.
+# - OmegaConf's `_get_node`, to list a config's keys without resolving `???`: once per load; the
+#   public `OmegaConf.to_container(..., throw_on_missing=False)` does it.
+# - Lightning's `ExperimentWriter._check_log_dir_exists` (and `CSVLogger._experiment`), to append
+#   to metrics.csv across resumes: once per run; runs.py's CSV logger is a public `Logger`.

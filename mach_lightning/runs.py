@@ -19,20 +19,22 @@ import io
 import json
 import os
 import socket
-import sys
 import threading
 import time
+from argparse import Namespace
 from datetime import datetime
 from pathlib import Path
 
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.core.saving import save_hparams_to_yaml
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 from mach_lightning.atomic import atomic_write_text
 from mach_lightning.config import ConfigError
 
+METRICS_FILE, HPARAMS_FILE = "metrics.csv", "hparams.yaml"
 RESULT_FILE = "result.json"
 EVENTS_FILE = "events.jsonl"  # launch/task.py reads it as EVENTS
 FINISHED, DIVERGED, FINISHED_ALREADY = "finished", "diverged", "finished already"
@@ -126,45 +128,106 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path, plan) -> None:
         log_run_event(run_dir, "resume", step=plan.step, ckpt=plan.ckpt_path)
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run appends to it."""
+class RunCSVLogger(Logger):
+    """Writes <run_dir>/metrics.csv (and hparams.yaml) itself, appending across resumes.
 
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as file:
-                self.metrics_keys = list(csv.DictReader(file).fieldnames or [])
+    The file is byte for byte what Lightning's CSVLogger writes: sorted columns, `step` among them,
+    one row per log call, blank where a row lacks a column; a new column rewrites the file under
+    the new header. Unlike Lightning's, an existing file is kept and appended to, under its header.
 
-
-class RunCSVLogger(CSVLogger):
-    """CSV logger writing <run_dir>/metrics.csv directly, appending across resumes.
-
-    Rows reach the file at the first log call, then at most every `flush_every_s` seconds (a
-    rewrite of the file costs ~0.3 ms, a visible share of small steps if done at every log
-    call), whenever last.ckpt is saved (fit.LastCheckpoint calls `save`) and when the run ends or
-    fails (Lightning finalizes its loggers). A resume truncates the file to the checkpoint's step,
-    so even a hard kill loses no row that the resumed run keeps.
+    Rows reach the file at the first log call, then at most every `flush_every_s` seconds, at every
+    `save` (Lightning calls it after each of its own log calls; fit.LastCheckpoint before
+    last.ckpt) and when the run ends or fails (Lightning finalizes its loggers). A resume truncates
+    the file to the checkpoint's step, so even a hard kill loses no row that the resumed run keeps.
+    Rank zero only, like Lightning's: the other ranks log nothing.
     """
 
     def __init__(self, run_dir: Path, flush_every_s: float = 2.0):
-        super().__init__(
-            save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=sys.maxsize
-        )
+        super().__init__()
+        self._dir = str(run_dir)
+        self.metrics_file = os.path.join(self._dir, METRICS_FILE)
         self.flush_every_s, self._next_flush = flush_every_s, 0.0
+        self._rows: list[dict] = []  # logged, not yet in the file
+        self._keys: list[str] | None = None  # the file's columns; None: not used yet
+        self._hparams: dict = {}
+
+    @property
+    def name(self) -> str:
+        return ""  # the run directory is the log directory: no <name>/<version> below it
+
+    @property
+    def version(self) -> str:
+        return ""  # also what the progress bar shows as v_num, as with Lightning's
+
+    @property
+    def save_dir(self) -> str:
+        return self._dir
+
+    @property
+    def log_dir(self) -> str:
+        return self._dir
+
+    def _start(self) -> None:
+        """At first use, as Lightning's writer: the directory made, an existing header read."""
+        if self._keys is None:
+            os.makedirs(self._dir, exist_ok=True)
+            self._keys = []
+            if os.path.isfile(self.metrics_file):  # a resumed run: its columns carry on
+                with open(self.metrics_file, newline="") as file:
+                    self._keys = list(csv.DictReader(file).fieldnames or [])
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict | Namespace | None = None) -> None:
+        self._start()
+        self._hparams.update(vars(params) if isinstance(params, Namespace) else params or {})
+        save_hparams_to_yaml(os.path.join(self._dir, HPARAMS_FILE), self._hparams)
 
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        super().log_metrics(metrics, step)
+        self._start()
+        row = {k: v.item() if isinstance(v, Tensor) else v for k, v in metrics.items()}
+        row["step"] = len(self._rows) if step is None else step  # Lightning's default, too
+        self._rows.append(row)
         now = time.monotonic()
         if now >= self._next_flush:
             self._next_flush = now + self.flush_every_s
             self.save()
 
-    @property
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            os.makedirs(self.log_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+    @rank_zero_only
+    def save(self) -> None:
+        self._start()
+        if not self._rows:
+            return
+        new_keys = set().union(*self._rows) - set(self._keys)
+        self._keys.extend(new_keys)
+        self._keys.sort()  # Lightning sorts the columns at every save
+        if new_keys or not os.path.isfile(self.metrics_file):
+            self._rewrite()
+        else:
+            with open(self.metrics_file, "a", newline="") as file:
+                csv.DictWriter(file, fieldnames=self._keys).writerows(self._rows)
+        self._rows = []
+
+    def _rewrite(self) -> None:
+        """The whole file under the current header: earlier rows (if any), then the pending ones.
+
+        Replaced atomically, so a kill mid-rewrite keeps the earlier rows (Lightning rewrites in
+        place); the bytes are the same as its rewrite followed by its append."""
+        rows = []
+        if os.path.isfile(self.metrics_file):
+            with open(self.metrics_file, newline="") as file:
+                rows = list(csv.DictReader(file))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self._keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        writer.writerows(self._rows)
+        atomic_write_text(self.metrics_file, text.getvalue())
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        if self._keys is not None:  # never used (e.g. not rank zero): nothing to write
+            self.save()
 
 
 def csv_rows(run_dir: Path) -> int:

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mach_lightning import resources
-from mach_lightning.config import CONFIG_DIR, ConfigError, load_config
+from mach_lightning.config import CONFIG_DIR, ConfigError, load_config, resources
 from mach_lightning.launch import profiles
 
 from .conftest import REPO

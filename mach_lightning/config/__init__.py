@@ -86,13 +86,14 @@ def register_choices(key: str, choices: Callable[[], list[str]]) -> None:
     CHOICES[key] = choices
 
 
-def _all_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+def _all_keys(cfg: DictConfig | dict, prefix: str = "") -> list[str]:
+    """Every leaf key, dotted; missing values (???) and interpolations are not resolved."""
+    tree = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, throw_on_missing=False)
     keys = []
-    for key in cfg.keys():
+    for key, value in tree.items():
         full = f"{prefix}{key}"
-        node = cfg._get_node(key)
-        if isinstance(node, DictConfig):
-            keys.extend(_all_keys(node, full + "."))
+        if isinstance(value, dict):
+            keys.extend(_all_keys(value, full + "."))
         else:
             keys.append(full)
     return keys

@@ -55,6 +55,11 @@ def tensor_bytes(obj: Any, seen: dict[int, int] | None = None) -> int:
 
     `seen` (data pointer -> bytes) adds storages known from elsewhere, e.g. saved activations.
     """
+    return sum(tensor_storages(obj, seen).values())
+
+
+def tensor_storages(obj: Any, seen: dict[int, int] | None = None) -> dict[int, int]:
+    """The storages (data pointer -> bytes) of every tensor reachable, added to `seen`'s."""
     seen = dict(seen or {})
 
     def visit(value: Any) -> None:
@@ -69,7 +74,7 @@ def tensor_bytes(obj: Any, seen: dict[int, int] | None = None) -> int:
                 visit(v)
 
     visit(obj)
-    return sum(seen.values())
+    return seen
 
 
 def detached(value: Any) -> Any:

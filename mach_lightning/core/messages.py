@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mach_lightning.core.memory import detached, tensor_bytes
+from mach_lightning.core.memory import detached, tensor_storages
 
 ACTIVATION = "activation"  # a node's output of a batch, to the node after it
 GRADIENT = "gradient"  # dL/d(output) of a batch, back to the node that produced the output
@@ -65,32 +65,39 @@ class InFlight:
     """Messages on their way, each due at an integer step of its receiver."""
 
     def __init__(self) -> None:
-        self._due: dict[tuple, tuple[int, Message]] = {}
+        # (due step, receiver) -> {key: message}: a step hands over its messages without
+        # scanning everything in flight (a deep pipeline holds K x d of them).
+        self._due: dict[tuple[int, int], dict[tuple, Message]] = {}
 
     def send(self, message: Message, due: int) -> None:
-        self._due[message.key()] = (int(due), message)
+        self._due.setdefault((int(due), message.receiver), {})[message.key()] = message
 
     def take_due(self, step: int, receiver: int | None = None) -> list[Message]:
         """Remove and return the messages due at `step` (for one receiver, or all), in key order:
         a fixed order keeps sums of their effects reproducible."""
-        keys = sorted(
-            k
-            for k, (due, m) in self._due.items()
-            if due == step and (receiver is None or m.receiver == receiver)
+        slots = [k for k in self._due if k[0] == step] if receiver is None else [(step, receiver)]
+        taken: dict[tuple, Message] = {}
+        for slot in slots:
+            taken.update(self._due.pop(slot, {}))
+        return [taken[k] for k in sorted(taken)]
+
+    def _entries(self) -> list[tuple[int, tuple, Message]]:
+        return sorted(
+            ((due, key, m) for (due, _), box in self._due.items() for key, m in box.items()),
+            key=lambda entry: (entry[1], entry[0]),
         )
-        return [self._due.pop(k)[1] for k in keys]
 
     def pending(self) -> list[Message]:
-        return [m for _, (_, m) in sorted(self._due.items())]
+        return [m for _, _, m in self._entries()]
 
     def pending_batches(self) -> set[int]:
-        return {m.batch for _, m in self._due.values()}
+        return {m.batch for box in self._due.values() for m in box.values()}
 
     def __len__(self) -> int:
-        return len(self._due)
+        return sum(len(box) for box in self._due.values())
 
     def state_dict(self) -> list[dict[str, Any]]:
-        return [{"due": due, **m.state_dict()} for _, (due, m) in sorted(self._due.items())]
+        return [{"due": due, **m.state_dict()} for due, _, m in self._entries()]
 
     def load_state_dict(self, state: list[dict[str, Any]]) -> None:
         self._due = {}
@@ -100,4 +107,8 @@ class InFlight:
             self.send(Message.from_state(entry), due)
 
     def held_bytes(self) -> int:
-        return tensor_bytes([(m.tensor, m.context) for _, m in self._due.values()])
+        return sum(self.storages().values())
+
+    def storages(self) -> dict[int, int]:
+        messages = [(m.tensor, m.context) for box in self._due.values() for m in box.values()]
+        return tensor_storages(messages)

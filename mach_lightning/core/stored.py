@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mach_lightning.core.memory import detached, graph_saved_storages, tensor_bytes
+from mach_lightning.core.memory import detached, graph_saved_storages, tensor_storages
 from mach_lightning.core.weights import cloned_params, frozen_buffers, stashed_params
 
 GRAD_MODES = ("stash", "recompute")
@@ -43,6 +43,7 @@ class StoredForwards:
         if grad_mode not in GRAD_MODES:
             raise ValueError(f"grad_mode must be one of {GRAD_MODES}, not {grad_mode!r}")
         self.grad_mode, self.modules = grad_mode, list(modules)
+        self.buffers = [b for m in self.modules for b in m.buffers()]  # frozen while replaying
         self.records: dict[int, dict[str, Any]] = {}
 
     def forward(
@@ -119,7 +120,7 @@ class StoredForwards:
         weights = None
         if self.grad_mode == "stash":
             weights = [stashed_params(m, w) for m, w in zip(self.modules, record["weights"])]
-        with frozen_buffers(nn.ModuleList(self.modules)):
+        with frozen_buffers(self.buffers):
             return fn(weights, *args), leaves
 
     def weights(self, batch: int) -> list[dict[str, torch.Tensor]] | None:
@@ -143,12 +144,17 @@ class StoredForwards:
 
     def held_bytes(self) -> int:
         """Bytes of the kept inputs and weight copies, and of what kept graphs saved."""
+        return sum(self.storages().values())
+
+    def storages(self) -> dict[int, int]:
+        """The storages held (data pointer -> bytes): kept graphs of several nodes may share
+        some (one graph through a run of equal delays), so a runtime unions them."""
         storages: dict[int, int] = {}
         for record in self.records.values():
             out = record.get("_out")
             if isinstance(out, torch.Tensor) and out.grad_fn is not None:
                 storages.update(graph_saved_storages(out))
-        return tensor_bytes([r for r in self.records.values()], storages)
+        return tensor_storages(list(self.records.values()), storages)
 
 
 def _collects(tensor: Any) -> bool:

@@ -109,6 +109,21 @@ def wait_and_report(entries) -> int:
     return 0 if all(r.state == "FINISHED" for r in rows) else 1
 
 
+def run_dir_entries(spec: str, run_root: str | Path) -> list[tuple[str, Path]]:
+    """(key, run directory) for what `python -m mach_lightning.report SPEC` reads besides sweep
+    files: a run directory, a folder of them, or a sweep name meaning <run_root>/<name>/."""
+    folder = Path(spec) if Path(spec).is_dir() else Path(run_root) / spec
+    found = status.run_dirs_under(folder) if folder.is_dir() else []
+    dirs = list(dict.fromkeys(d.resolve() for d in found))
+    if not dirs:
+        raise SweepError(
+            f"--status {spec}: no sweep file sweeps/{spec}.yaml, and no run directories at "
+            f"{spec} or under {Path(run_root) / spec}. Give a sweep file, a sweep name, a run "
+            f"directory or a folder of them (run.root=DIR if the runs are not under {run_root})."
+        )
+    return [(d.name, d) for d in dirs]
+
+
 def show_status(args) -> int:
     spec = args.status
     if sweep_path(spec).is_file() or spec.endswith((".yaml", ".yml")):  # also jobs not submitted
@@ -118,7 +133,7 @@ def show_status(args) -> int:
         entries = [(j.key, j.run_dir) for j in submit.prepare(jobs, profile, label, check=False)]
     else:  # a sweep name, a run directory or a folder of them: as the report takes them
         roots = [o.split("=", 1)[1] for o in args.overrides if o.startswith("run.root=")]
-        entries = status.run_dir_entries(spec, roots[-1] if roots else RunConfig.root)
+        entries = run_dir_entries(spec, roots[-1] if roots else RunConfig.root)
     print(status.format_status(status.status_rows(entries)))
     return 0
 

@@ -244,22 +244,14 @@ def status_rows(entries: list[tuple[str, Path]], queue: dict | None = None) -> l
     return rows
 
 
-def run_dir_entries(spec: str, run_root: str | Path) -> list[tuple[str, Path]]:
-    """(key, run directory) for what `python -m mach_lightning.report SPEC` reads: a run
-    directory, a folder of them, or a sweep name meaning <run_root>/<name>/. Found by the
-    report's own resolve_targets, so both commands accept the same names."""
-    from mach_lightning.launch.sweep_spec import SweepError
-    from mach_lightning.report.load import ReportError, resolve_targets
-
-    try:
-        dirs, _ = resolve_targets([spec], Path(run_root))
-    except ReportError:
-        raise SweepError(
-            f"--status {spec}: no sweep file sweeps/{spec}.yaml, and no run directories at "
-            f"{spec} or under {Path(run_root) / spec}. Give a sweep file, a sweep name, a run "
-            f"directory or a folder of them (run.root=DIR if the runs are not under {run_root})."
-        ) from None
-    return [(d.name, d) for d in dirs]
+def run_dirs_under(folder: Path) -> list[Path]:
+    """Run directories at or below folder, not descending into one: a folder with config.yaml,
+    or only the launcher's launch.json (submitted, not started). The report finds the same."""
+    if (folder / "config.yaml").is_file() or (folder / LAUNCH).is_file():
+        return [folder]
+    skip = {"wandb", ".submitit", "checkpoints", "logs"}  # inside run directories
+    children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in skip)
+    return [d for child in children for d in run_dirs_under(child)]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -68,17 +68,28 @@ class Delayed(ChainRule):
         self.grad_mode = cfg.delayed.grad_mode
         super().__init__(cfg, input_shape, num_classes)
         self.extra_forwards = 1.0 if self.grad_mode == "recompute" else 0.0
+        t = cfg.delayed
+        self.compensated = t.dcasgd_lambda > 0 or t.dcasgd_lr_scaling
+        self._causal: tuple[tuple, list[int]] = ((), [])
+
+    def causal(self, delays: list[int]) -> list[int]:
+        """causal_delays, once per step (every node of the step asks for the same)."""
+        if self._causal[0] != tuple(delays):
+            self._causal = (tuple(delays), causal_delays(delays))
+        return self._causal[1]
 
     def wrap_optimizer(self, optimizer, index: int):
         t = self.cfg.delayed
-        if t.dcasgd_lambda > 0 or t.dcasgd_lr_scaling:
-            return DCASGD(optimizer, t.dcasgd_lambda, t.dcasgd_lr_scaling)
-        return optimizer
+        return (
+            DCASGD(optimizer, t.dcasgd_lambda, t.dcasgd_lr_scaling)
+            if self.compensated
+            else optimizer
+        )
 
     def node_step(self, node: Node, inbox: Inbox) -> Outbox:
         """Batch t forward (kept if its gradient is late); every late gradient due now applied."""
         i, t, out = node.index, inbox.batch, Outbox(node.index)
-        d = causal_delays(inbox.delays)
+        d = self.causal(inbox.delays)
         h = self.forward(node, t, inbox.x if i == 0 else inbox.one(ACTIVATION, t), d, inbox.y)
         if self.is_last(node):
             out.logits = h
@@ -101,7 +112,8 @@ class Delayed(ChainRule):
             if i > 0:
                 out.give_back(leaf, i - 1, s, delay=meta["delays"][i - 1] - meta["delays"][i])
             out.applied.append(s)
-        out.before_step.append(self.compensation(node, out.applied, t))
+        if self.compensated:
+            out.before_step.append(self.compensation(node, out.applied, t))
         for s in out.applied:
             node.stored.forget(s)
         return out

@@ -110,8 +110,12 @@ class LockstepDriver:
         self.rule.load_state_dict(state.get("rule", {}))
 
     def held_bytes(self) -> int:
-        stored = sum(n.stored.held_bytes() for n in self.nodes if n.stored is not None)
-        return self.in_flight.held_bytes() + stored + self.rule.held_bytes()
+        """Bytes in flight: messages, stored forwards (each storage once) and the rule's own."""
+        storages = self.in_flight.storages()
+        for node in self.nodes:
+            if node.stored is not None:
+                storages.update(node.stored.storages())
+        return sum(storages.values()) + self.rule.held_bytes()
 
 
 def _unused(node: Node):
