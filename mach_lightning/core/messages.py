@@ -75,6 +75,8 @@ class InFlight:
     def take_due(self, step: int, receiver: int | None = None) -> list[Message]:
         """Remove and return the messages due at `step` (for one receiver, or all), in key order:
         a fixed order keeps sums of their effects reproducible."""
+        if not self._due:  # the common case of most steps of most methods: nothing in flight
+            return []
         slots = [k for k in self._due if k[0] == step] if receiver is None else [(step, receiver)]
         taken: dict[tuple, Message] = {}
         for slot in slots:

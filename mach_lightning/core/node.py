@@ -47,7 +47,7 @@ class Node:
         return [p for m in self.modules.values() for p in m.parameters()]
 
 
-@dataclass
+@dataclass(slots=True)
 class Inbox:
     """What a node has on one step: the batch, and every message that arrived for it."""
 
