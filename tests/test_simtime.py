@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 
 import pytest
 import torch
@@ -70,14 +71,20 @@ def test_flops_cost_gives_identical_simulated_time_in_two_runs():
     assert len(first.samples) == 1  # counted FLOPs do not change: counted once
 
 
-def test_measured_cost_of_two_identical_runs_agrees_within_5_percent():
+def test_measured_cost_is_the_median_of_every_measurement_so_far():
     # Measured as a run measures: on the first batch, at steps 4 and 16, then every N steps;
-    # the median counts. In lockstep: under other processes' load this machine runs every call
-    # up to 1.5 times slower for a second or so at a time, and runs measured at different
-    # moments would compare the machine's moments, not the measurement.
-    first, second = simulate(200, runs=2, remeasure_every_n_steps=50)
-    assert len(first.samples) == len(second.samples) == 6
-    assert first.elapsed_ms == pytest.approx(second.elapsed_ms, rel=0.05)
+    # the estimate in use is the per-component median of all of them, so one measurement spoilt
+    # by a busy machine is outvoted. (How closely two runs agree is a property of the machine,
+    # not of this code: timed comparisons belong in bench/, not in a unit test.)
+    (clock,) = simulate(200, remeasure_every_n_steps=50)
+    assert len(clock.samples) == 6  # steps 0, 4, 16, 50, 100, 150
+    assert clock.measured_at == 150
+    for i in range(3):
+        fwd = sorted(sample[0][i] for sample in clock.samples)
+        bwd = sorted(sample[1][i] for sample in clock.samples)
+        assert clock.fwd_ms[i] == pytest.approx(statistics.median(fwd))
+        assert clock.bwd_ms[i] == pytest.approx(statistics.median(bwd))
+    assert clock.elapsed_ms > 0
 
 
 @pytest.mark.parametrize("cost", ["measured", "flops"])
