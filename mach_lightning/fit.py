@@ -11,6 +11,7 @@ import logging
 import sys
 
 EXIT_USAGE, EXIT_DIVERGED, EXIT_DISK_FULL, EXIT_PREEMPTED = 2, 3, 4, 143
+EXIT_DIST = 5  # runtime.name=dist: a component process failed or hung (the message names it)
 
 # `from mach_lightning.fit import run_fit` (and the other training names) keeps working.
 _TRAINING_NAMES = {"run_fit", "build_trainer", "build_callbacks", "ProgressBar", "LastCheckpoint"}
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from mach_lightning.checkpoint_io import CheckpointError
     from mach_lightning.config import ConfigError, load_config
     from mach_lightning.data import DataError
+    from mach_lightning.dist.coordinator import DistError
     from mach_lightning.run_lock import RunLockedError
     from mach_lightning.runs import DIVERGED, FINISHED_ALREADY
     from mach_lightning.training import Preempted, run_fit
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except DistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIST
     except DiskFullError as err:
         print(f"error: {err.strerror}", file=sys.stderr)
         return EXIT_DISK_FULL

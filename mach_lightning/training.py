@@ -140,6 +140,11 @@ def run_fit(cfg: DictConfig, trust_checkpoint: bool = False) -> dict:
     plan = plan_resume(cfg, run_dir, ckpt_path, trust_checkpoint)
     if plan.finished is not None:
         return {"run_dir": str(run_dir), "status": FINISHED_ALREADY, "metrics": plan.finished}
+    if cfg.runtime.name == "dist" and plan.ckpt_path:
+        raise ConfigError(
+            f"runtime.name=dist cannot resume yet (checkpoint {plan.ckpt_path}): continue this "
+            "run with runtime.name=sim, or start a new one (a new run.id)."
+        )
     model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
     check_weights_fit(model, plan)
     trainer = build_trainer(cfg, run_dir)
@@ -147,6 +152,8 @@ def run_fit(cfg: DictConfig, trust_checkpoint: bool = False) -> dict:
     try:
         if trainer.is_global_zero:
             runs.prepare_run_dir(cfg, run_dir, plan)
+        if cfg.runtime.name == "dist":
+            return _dist_train_and_test(cfg, trainer, model, datamodule, run_dir)
         return _train_and_test(cfg, trainer, model, datamodule, run_dir, plan, trust_checkpoint)
     finally:
         if lock is not None:
@@ -176,6 +183,34 @@ def _train_and_test(cfg, trainer, model, datamodule, run_dir, plan, trust: bool)
     if trainer.is_global_zero:
         runs.write_result(run_dir, metrics, status, reason=model.diverged)
     return {"run_dir": str(run_dir), "status": status, "metrics": metrics, "reason": model.diverged}
+
+
+def _dist_train_and_test(cfg, trainer, model, datamodule, run_dir) -> dict:
+    """One process per component trains (dist/); this process then logs their merged rows and
+    evaluates the merged weights exactly as a simulated run's are evaluated."""
+    from mach_lightning.dist.coordinator import run_components
+
+    done = run_components(cfg, run_dir, model.rule)
+    model.load_state_dict({**model.state_dict(), **done.state})
+    model.batch_step = done.steps
+    for row in done.rows:
+        for logger in trainer.loggers:
+            logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    metrics = {k: v for row in done.rows for k, v in row.items() if "/" in k}  # the latest
+    with lightning_loading(False):
+        trainer.validate(model, datamodule=datamodule, verbose=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
+        if cfg.trainer.test_after_fit:
+            trainer.test(model, datamodule=datamodule, verbose=False)
+            metrics.update(
+                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            )
+    metrics.update({"step": float(done.steps), "time/dist_wall_s": done.seconds})
+    metrics["mem/peak_mb"] = peak_memory_mb()
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    runs.write_result(run_dir, metrics, FINISHED)
+    return {"run_dir": str(run_dir), "status": FINISHED, "metrics": metrics, "reason": ""}
 
 
 class Preempted(SystemExit):

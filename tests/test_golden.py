@@ -22,6 +22,20 @@ from .test_fit import column, read_metrics
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_STEPS = 12
+EXACT_STEPS = 5  # compared at rel 1e-5 for every method
+# Methods whose training amplifies float rounding, roughly 4x per step: a CPU with other SIMD
+# kernels (AVX-512 against the goldens' machine) differs by 1e-7 at step 2 and by 1.3e-3 at step
+# 11 (mach_kgraph; mach_single 1.2e-4). Past EXACT_STEPS they are compared at this tolerance; a
+# change to their maths moves the first steps already.
+AMPLIFYING = {"mach_kgraph": 3e-3, "mach_single": 3e-3}
+
+
+def assert_matches_golden(name: str, losses: list[float]) -> None:
+    golden = json.loads((GOLDEN_DIR / f"{name}.json").read_text())["losses"]
+    assert len(losses) == len(golden)
+    head, tail = slice(0, EXACT_STEPS), slice(EXACT_STEPS, None)
+    assert losses[head] == pytest.approx(golden[head], rel=1e-5, abs=1e-6)
+    assert losses[tail] == pytest.approx(golden[tail], rel=AMPLIFYING.get(name, 1e-5), abs=1e-6)
 
 
 def per_step_losses(name: str, tmp_path) -> list[float]:
@@ -50,5 +64,4 @@ def test_losses_match_golden(name, tmp_path):
         path.write_text(json.dumps({"steps": GOLDEN_STEPS, "losses": losses}, indent=1) + "\n")
     if not path.is_file():
         pytest.fail(f"No golden file {path}; create it with GOLDEN_UPDATE=1 (see module doc).")
-    golden = json.loads(path.read_text())["losses"]
-    assert losses == pytest.approx(golden, rel=1e-5, abs=1e-6)
+    assert_matches_golden(name, losses)

@@ -23,6 +23,7 @@ from mach_lightning.config.checks import (  # noqa: F401
     STUDENT_MODES,
     ConfigError,
     resolve_student_modes,
+    validate_runtime,
     validate_staleness,
     validate_synth_and_mach,
 )
@@ -78,6 +79,8 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "run.monitor_mode": lambda: ["max", "min"],
     "logger.wandb.mode": lambda: ["auto", "online", "offline"],
     "trainer.accelerator": lambda: ["auto", "cpu", "gpu", "cuda", "mps"],
+    "runtime.name": lambda: ["sim", "dist"],
+    "runtime.mode": lambda: ["lockstep", "free"],
 }
 
 
@@ -279,3 +282,4 @@ def validate_semantics(cfg: DictConfig, sources: dict[str, str] | None = None) -
     validate_trainer_values(cfg, sources or {})
     validate_staleness(cfg)
     validate_synth_and_mach(cfg)
+    validate_runtime(cfg)

@@ -120,3 +120,30 @@ def validate_synth_and_mach(cfg: DictConfig) -> None:
     if mach.student_width < 1 or mach.student_depth < 0:
         raise ConfigError("mach.student_width must be >= 1 and mach.student_depth >= 0.")
     resolve_student_modes(mach.use_student, cfg.model.num_components)
+
+
+def validate_runtime(cfg: DictConfig) -> None:
+    """runtime.name=dist: one CPU process per component in lockstep, at full precision."""
+    r, t = cfg.runtime, cfg.trainer
+    if r.timeout_s <= 0:
+        raise ConfigError(f"runtime.timeout_s must be positive seconds, got {r.timeout_s}.")
+    if r.name != "dist":
+        return
+    if r.mode != "lockstep":
+        raise ConfigError(
+            "runtime.mode=free is not built yet: runtime.name=dist runs runtime.mode=lockstep "
+            "(each component waits for what the simulator's schedule prescribes)."
+        )
+    wrong = {
+        "trainer.accelerator": (t.accelerator, ("auto", "cpu")),
+        "trainer.devices": (t.devices, ("auto", 1)),
+        "trainer.num_nodes": (t.num_nodes, (1,)),
+        "trainer.strategy": (t.strategy, ("auto",)),
+        "trainer.precision": (str(t.precision), ("32-true", "32")),
+    }
+    for key, (value, allowed) in wrong.items():
+        if value not in allowed:
+            raise ConfigError(
+                f"runtime.name=dist runs one CPU process per component (gloo) at full precision; "
+                f"{key}={value} is for the simulator: drop it or set {key}={allowed[0]}."
+            )

@@ -89,6 +89,19 @@ class SimTimeConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    # sim: every component in this one process on one clock (the simulator) | dist: one process
+    # per component on this machine, talking over torch.distributed (gloo), plus a coordinator
+    name: str = "sim"
+    # dist: lockstep (each node waits for exactly what the simulator's schedule prescribes: the
+    # same maths as sim, step for step) | free (not yet built: runtime.name=dist needs lockstep)
+    mode: str = "lockstep"
+    timeout_s: float = 60.0  # dist: a process silent this long is named, and the run stops
+    host: str = "127.0.0.1"  # dist: the address of the coordinator's store
+    port: int = 0  # dist: the store's TCP port (0: any free one)
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int = 20
     max_steps: int = -1  # batch steps (not optimizer steps); -1 means no limit
@@ -155,6 +168,7 @@ class Config:
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     simtime: SimTimeConfig = field(default_factory=SimTimeConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)

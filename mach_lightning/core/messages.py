@@ -39,6 +39,7 @@ class Message:
     step: int = 0  # the sender's step when it sent the message
     version: int = 0  # the sender's weight version (optimizer steps) at the forward it is from
     context: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. labels, activation
+    returned: bool = False  # a forward message: set by the runtime when a gradient came back
 
     def key(self) -> tuple:
         """Identifies a message in flight; also the order due messages are handed over in."""

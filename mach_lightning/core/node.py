@@ -86,6 +86,8 @@ class Return:
     delay: int
     kind: str = GRADIENT
     context: dict[str, torch.Tensor] = field(default_factory=dict)
+    message: Message | None = None  # the forward message it answers (a delayed link's leaf)
+    returned: bool = False  # set by the runtime when a gradient reached the tensor
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Outbox:
     after_backward: list[Callable[[], None]] = field(default_factory=list)
     before_step: list[Callable[[list], None]] = field(default_factory=list)  # (its optimizers)
     logits: torch.Tensor | None = None
+    logits_loss: torch.Tensor | None = None  # cross-entropy of `logits`, if the rule computed it
 
     @property
     def updates(self) -> bool:

@@ -74,6 +74,18 @@ class Rule:
     def node_step(self, node: Node, inbox: Inbox) -> Outbox:
         raise NotImplementedError
 
+    # ----- where nodes run, for a runtime with one process per component -----
+    def process_of(self, index: int) -> int:
+        """The process that runs node `index`: its component's (nodes sharing a component share
+        its process, since they train the same weights)."""
+        return index
+
+    def links(self) -> list[tuple[int, int]]:
+        """The (sender, receiver) node pairs forward messages travel, senders stepping first;
+        gradients and other messages go back along them. Default: a chain, node i to i + 1."""
+        indices = [node.index for node in self.nodes()]
+        return list(zip(indices, indices[1:]))
+
     # ----- evaluation -----
     def eval_head_names(self) -> list[str]:
         return [MAIN_HEAD]

@@ -97,7 +97,8 @@ class Delayed(ChainRule):
             out.send(i + 1, h, t, delay=d[i] - d[i + 1])
         if d[i] == 0:
             if self.is_last(node):
-                out.add_loss(F.cross_entropy(h, inbox.y))
+                out.logits_loss = F.cross_entropy(h, inbox.y)
+                out.add_loss(out.logits_loss)
             out.applied.append(t)
         for s in node.stored.due(t):  # the batches whose gradient is due: replay their forward
             meta, fn = node.stored.meta(s), self.run(node)

@@ -153,8 +153,8 @@ class DNI(ChainRule):
         out = Outbox(i, applied=[t], ages=[])  # ages: of the targets the synthesizer learns from
         h = node.component(inbox.x if i == 0 else inbox.one(ACTIVATION, t))
         if self.is_last(node):
-            out.logits = h
-            out.add_loss(F.cross_entropy(h, inbox.y))
+            out.logits, out.logits_loss = h, F.cross_entropy(h, inbox.y)
+            out.add_loss(out.logits_loss)
             return out
         delay = inbox.delays[i]
         prediction = self.synthetic_gradient(i, h.detach(), inbox.y)

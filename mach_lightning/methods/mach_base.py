@@ -160,6 +160,14 @@ class MachRule(Rule):
     def reads_input(self, index: int) -> bool:
         return True  # every teacher and student reads x
 
+    def process_of(self, index: int) -> int:
+        return index % self.num_nodes()  # mach_kgraph's node N + i trains component i
+
+    def links(self) -> list[tuple[int, int]]:
+        n, shift = self.num_nodes(), self.num_nodes() if self.graph.standalone else 0
+        published = [(j, shift + i) for j in range(n) for i in self.graph.consumers(j)]
+        return published + ([(j, n + j) for j in range(n)] if self.graph.standalone else [])
+
     # ----- one step of one node -----
     def node_step(self, node: Node, inbox: Inbox) -> Outbox:
         """Batch t: consume the neighbours' embeddings, learn, publish; late gradients due now."""
@@ -264,7 +272,7 @@ class MachRule(Rule):
     def settle(self) -> None:
         """After the backward: count the messages now in flight; forget what none can reach."""
         for sent in self._sent:
-            if sent.tensor.grad is not None:
+            if sent.returned:  # the runtime says a gradient reached it
                 self.pending[sent.batch] += 1
         self._sent = []
         self.pending = Counter({b: c for b, c in self.pending.items() if c > 0})

@@ -27,7 +27,8 @@ class Sync(ChainRule):
         if self.is_last(node):
             out.logits = h
             if inbox.y is not None:
-                out.add_loss(F.cross_entropy(h, inbox.y))
+                out.logits_loss = F.cross_entropy(h, inbox.y)
+                out.add_loss(out.logits_loss)
         else:
             out.send(node.index + 1, h, inbox.batch)
         return out

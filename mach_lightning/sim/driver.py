@@ -77,7 +77,14 @@ class LockstepDriver:
             if delay > 0 and tensor.requires_grad:  # a delayed link: a leaf, its gradient later
                 message.tensor = tensor.detach().requires_grad_()
                 returns.append(
-                    Return(message.tensor, message.receiver, message.sender, message.batch, delay)
+                    Return(
+                        message.tensor,
+                        message.receiver,
+                        message.sender,
+                        message.batch,
+                        delay,
+                        message=message,
+                    )
                 )
             delivered[message.receiver].append(message)
 
@@ -86,6 +93,9 @@ class LockstepDriver:
         for r in result.returns:
             if r.tensor.grad is None:
                 continue
+            r.returned = True
+            if r.message is not None:
+                r.message.returned = True
             grad = r.tensor.grad.detach()
             message = Message(r.kind, r.batch, r.sender, r.receiver, grad, step, context=r.context)
             self.in_flight.send(message, step + r.delay)

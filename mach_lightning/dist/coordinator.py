@@ -1,0 +1,153 @@
+"""The coordinator of a `runtime.name=dist` run: the store, one process per component, the end.
+
+It opens the c10d TCPStore every link is built from (the control plane), starts one worker
+process per component (dist/worker.py), watches them, and when all have finished merges their
+metrics into the run's rows and their weights into one state_dict for evaluation (training.py
+evaluates and writes result.json as for a simulated run). When a process fails it stops the
+others (only the processes it started, by their id) and raises `DistError` naming the component
+that failed or hung, with its last lines of output.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mach_lightning.dist.worker import EXIT_PEER, component_dir
+
+
+class DistError(RuntimeError):
+    """A component process failed or hung; the message names it and says why."""
+
+
+@dataclass
+class DistResult:
+    steps: int
+    rows: list[dict]  # the merged training rows, by step
+    state: dict[str, torch.Tensor]  # every process's weights, merged
+    seconds: float
+
+
+def processes_of(rule) -> int:
+    return 1 + max(rule.process_of(n.index) for n in rule.nodes())
+
+
+def run_components(cfg, run_dir: Path, rule) -> DistResult:
+    """Start, watch and collect one process per component; raises DistError on a failure."""
+    world, start = processes_of(rule), time.monotonic()
+    r = cfg.runtime
+    store = dist.TCPStore(
+        r.host, int(r.port), is_master=True, wait_for_workers=False,
+        timeout=timedelta(seconds=float(r.timeout_s)),
+    )  # fmt: skip
+    procs = [_start(run_dir, rank, world, f"{r.host}:{store.port}") for rank in range(world)]
+    print(f"dist: {world} component processes (logs: {run_dir}/components/c*/log.txt)", flush=True)
+    try:
+        _watch(procs, run_dir, float(r.timeout_s))
+    finally:
+        _stop(procs)
+    collected = [torch.load(component_dir(run_dir, k) / "weights.pt") for k in range(world)]
+    state = {key: value for c in collected for key, value in c["state"].items()}
+    rows = merge_rows([component_dir(run_dir, k) / "metrics.csv" for k in range(world)])
+    return DistResult(collected[0]["step"], rows, state, time.monotonic() - start)
+
+
+def _start(run_dir: Path, rank: int, world: int, store: str) -> subprocess.Popen:
+    out = component_dir(run_dir, rank)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("error.json", "weights.pt", "metrics.csv"):  # an earlier attempt's
+        (out / stale).unlink(missing_ok=True)
+    log = open(out / "log.txt", "w")  # noqa: SIM115  (the child writes it; closed with it)
+    command = [sys.executable, "-m", "mach_lightning.dist.worker", "--run-dir", str(run_dir)]
+    command += ["--rank", str(rank), "--world", str(world), "--store", store]
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _watch(procs: list[subprocess.Popen], run_dir: Path, timeout_s: float) -> None:
+    """Until every process has exited 0; the first failure raises, naming the culprit."""
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c == 0 for c in codes):
+            return
+        failed = [k for k, c in enumerate(codes) if c not in (None, 0)]
+        if failed:
+            time.sleep(min(1.0, timeout_s))  # let the others report what they saw
+            raise DistError(_explain(procs, run_dir, timeout_s))
+        time.sleep(0.05)
+
+
+def _explain(procs, run_dir: Path, timeout_s: float) -> str:
+    """Who failed first on its own, or who the others were waiting on."""
+    errors = {k: _error(run_dir, k) for k in range(len(procs))}
+    codes = [p.poll() for p in procs]
+    own = [k for k, c in enumerate(codes) if c not in (None, 0, EXIT_PEER)]
+    exited = [k for k, c in enumerate(codes) if c]
+    culprit = own[0] if own else exited[0]
+    seen = set()  # follow who waited on whom to the one that waited on no one
+    while "peer" in errors.get(culprit, {}) and culprit not in seen:
+        seen.add(culprit)
+        culprit = int(errors[culprit]["peer"])
+    code = codes[culprit]
+    how = (
+        f"exited with code {code}" if code is not None and code >= 0
+        else f"was killed by signal {-code}" if code is not None
+        else f"stopped answering (the others waited runtime.timeout_s={timeout_s:g} s for it)"
+    )  # fmt: skip
+    why = errors[culprit].get("message") or _tail(component_dir(run_dir, culprit) / "log.txt")
+    return (
+        f"component process {culprit} (pid {procs[culprit].pid}) {how}; the run stopped and "
+        f"the other processes were ended. {why}\nIts output: "
+        f"{component_dir(run_dir, culprit) / 'log.txt'}"
+    )
+
+
+def _error(run_dir: Path, rank: int) -> dict:
+    path = component_dir(run_dir, rank) / "error.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return "Last lines: " + " | ".join(path.read_text().strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    """End the processes this coordinator started that still run: SIGTERM, then SIGKILL."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in alive:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def merge_rows(paths: list[Path]) -> list[dict]:
+    """The components' metrics.csv files as one row per step (a step's columns united)."""
+    by_step: dict[int, dict] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        with open(path, newline="") as file:
+            for row in csv.DictReader(file):
+                step = int(float(row.pop("step")))
+                values = {k: float(v) for k, v in row.items() if v not in ("", None)}
+                by_step.setdefault(step, {}).update(values)
+    return [{"step": s, **by_step[s]} for s in sorted(by_step)]

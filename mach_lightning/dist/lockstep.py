@@ -1,0 +1,246 @@
+"""One process's step in lockstep: its nodes, the simulator's schedule, bundles over the links.
+
+The simulator runs every node in one process with one backward, live autograd edges on the
+delay-0 links (sim/driver.py). Here each process runs its own nodes, and every forward message
+reaches its receiver as a leaf: the same maths, cut at the links. Per batch step t:
+
+  forward   each node, in the rule's order, waits for a bundle from every node linked to it from
+            an earlier process, steps (`rule.node_step`), and sends a bundle (possibly empty) on
+            every link out of it. Messages of other kinds go on their way at once, due later.
+  backward  each node, in reverse order, waits for the gradients its live (delay-0) messages
+            got back, runs its backward (its loss, plus those outputs with their gradients), and
+            sends back on every link into it: the gradients its leaves got (live), the late
+            gradients of delayed links (GRADIENT messages, due `delay` steps later), and any
+            other message for that sender.
+Then each node that applied something steps its own optimizers. Bundles between two processes
+carry one tag per link and direction, so they are matched however the processes interleave.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from mach_lightning.core.messages import ACTIVATION, EMBEDDING, InFlight, Message
+from mach_lightning.core.node import Inbox, Outbox, Return
+from mach_lightning.dist import wire
+
+FORWARD_KINDS = (ACTIVATION, EMBEDDING)
+
+
+class LockstepProcess:
+    """The nodes of process `me` of a rule, and their links to the other processes."""
+
+    def __init__(self, rule, me: int, links: dict):
+        self.rule, self.me, self.peers = rule, me, links
+        self.nodes = rule.nodes()
+        position = {n.index: p for p, n in enumerate(self.nodes)}
+        self.mine = [n for n in self.nodes if rule.process_of(n.index) == me]
+        self.node_links = rule.links()
+        self.link_id = {pair: k for k, pair in enumerate(self.node_links)}
+        self.inbound, self.outbound = defaultdict(list), defaultdict(list)
+        for k, (_, r) in sorted(enumerate(self.node_links), key=lambda e: position[e[1][0]]):
+            self.inbound[r].append(k)  # in the order the senders step
+        for k, (s, _) in sorted(enumerate(self.node_links), key=lambda e: position[e[1][1]]):
+            self.outbound[s].append(k)  # in the order the receivers step
+        self.in_flight = InFlight()
+
+    def local(self, node_index: int) -> bool:
+        return self.rule.process_of(node_index) == self.me
+
+    def peer(self, node_index: int):
+        return self.peers[self.rule.process_of(node_index)]
+
+    # ----- one batch step -----
+    def step(self, x, y, t: int, delays: list[int], active) -> dict[int, Outbox]:
+        s = _StepState()
+        outs = {}
+        for node in self.mine:
+            outs[node.index] = self._forward(node, s, x, y, t, delays, active)
+        for node in reversed(self.mine):
+            self._backward(node, outs[node.index], s, t)
+        for node in self.mine:
+            for follow_up in outs[node.index].after_backward:
+                follow_up()
+        return outs
+
+    def _forward(self, node, s, x, y, t, delays, active) -> Outbox:
+        i = node.index
+        for k in self.inbound[i]:
+            sender = self.node_links[k][0]
+            if not self.local(sender):
+                header, tensors = self.peer(sender).recv_bundle(2 * k)
+                for m, delay, grads in wire.decode(header["messages"], tensors):
+                    s.arrive(k, m, delay, grads)
+        delivered = [m for k in self.inbound[i] for m in s.received[k]]
+        inbox = Inbox(
+            batch=t,
+            x=x if self.rule.reads_input(i) else None,
+            y=y,
+            step=t,
+            delays=delays,
+            messages=delivered + self.in_flight.take_due(t, i),
+            active=active,
+        )
+        out = self.rule.node_step(node, inbox)
+        self._route(out, s, t)
+        s.returns[i].extend(out.returns)
+        for k in self.outbound[i]:
+            receiver = self.node_links[k][1]
+            if not self.local(receiver):
+                headers, tensors = wire.encode(s.sent[k])
+                self.peer(receiver).send_bundle(2 * k, {"messages": headers}, tensors)
+        return out
+
+    def _route(self, out: Outbox, s, t: int) -> None:
+        i = out.sender
+        for message, delay in zip(out.messages, out.delays):
+            message.step = t
+            r = message.receiver
+            if message.kind in FORWARD_KINDS:
+                k = self._link(i, r, message)
+                s.sent[k].append((message, delay))
+                if self.local(r):
+                    context = [message.context[key] for key in sorted(message.context)]
+                    flags = [v.requires_grad for v in (message.tensor, *context)]
+                    s.arrive(k, _copy(message), delay, flags)
+            else:
+                self._send_back(message, t + delay, i, s)
+
+    def _link(self, sender: int, receiver: int, message) -> int:
+        k = self.link_id.get((sender, receiver))
+        if k is None:
+            raise RuntimeError(
+                f"{self.rule.name}: node {sender} sent a {message.kind} message to node "
+                f"{receiver}, which rule.links() does not list; add the link to the rule."
+            )
+        return k
+
+    def _send_back(self, message: Message, due: int, frm: int, s) -> None:
+        """A message of a non-forward kind: queued here, or back along the link into `frm`."""
+        if self.local(message.receiver):
+            self.in_flight.send(message, due)
+        else:
+            s.back[self._link(message.receiver, frm, message)].append((detached(message), due))
+
+    def _backward(self, node, out: Outbox, s, t: int) -> None:
+        i = node.index
+        for k in self.outbound[i]:
+            receiver = self.node_links[k][1]
+            if not self.local(receiver):
+                header, tensors = self.peer(receiver).recv_bundle(2 * k + 1)
+                s.answer(k, header, tensors, self.in_flight)
+        roots, grads = [], []
+        if out.updates and isinstance(out.loss, torch.Tensor) and out.loss.requires_grad:
+            roots.append(out.loss)
+            grads.append(torch.ones_like(out.loss))
+        for k in self.outbound[i]:
+            for (message, delay), back in zip(s.sent[k], s.live[k]):
+                for tensor, g in zip(_live_tensors(message, delay), back):
+                    if g is not None and tensor is not None and tensor.requires_grad:
+                        roots.append(tensor)
+                        grads.append(g)
+        if roots:
+            torch.autograd.backward(roots, grads)
+        for r in s.returns[i]:
+            if r.tensor.grad is None:
+                continue
+            r.returned = True
+            grad = Message(r.kind, r.batch, r.sender, r.receiver, r.tensor.grad.detach(), t)
+            grad.context = dict(r.context)
+            if r.message is not None:
+                s.returned[self._link(r.receiver, i, grad)].append(r.message.position)
+            self._send_back(grad, t + r.delay, i, s)
+        for k in self.inbound[i]:
+            sender = self.node_links[k][0]
+            live = [[leaf.grad if leaf is not None else None for leaf in ls] for ls in s.leaves[k]]
+            if self.local(sender):
+                s.answer_local(k, live, self.in_flight)
+            else:
+                header, tensors = s.pack_answer(k, live)
+                self.peer(sender).send_bundle(2 * k + 1, header, tensors)
+
+    def flush(self) -> None:
+        for link in self.peers.values():
+            link.flush()
+
+
+class _StepState:
+    """What one step's nodes sent and received, by node link id."""
+
+    def __init__(self):
+        self.sent = defaultdict(list)  # k -> [(sender-side message, delay)]
+        self.received = defaultdict(list)  # k -> receiver-side messages (leaves)
+        self.leaves = defaultdict(list)  # k -> per message: live leaf per tensor (or None)
+        self.live = defaultdict(list)  # k -> per sent message: the gradient per live tensor
+        self.back = defaultdict(list)  # k -> [(message, due)] back to the link's sender
+        self.returned = defaultdict(list)  # k -> positions of delayed messages answered
+        self.returns = defaultdict(list)  # node -> Returns to read after its backward
+
+    def arrive(self, k: int, m: Message, delay: int, grads: list[bool]) -> None:
+        """A forward message reaches its receiver: leaves, live or answered `delay` steps on."""
+        m.position = len(self.received[k])
+        keys = sorted(m.context)  # the wire's order
+        leaves = []
+        if grads[0]:
+            m.tensor = m.tensor.detach().requires_grad_()
+            if delay > 0:  # its gradient goes back as a message, due later
+                r = Return(m.tensor, m.receiver, m.sender, m.batch, delay, message=m)
+                self.returns[m.receiver].append(r)
+        leaves.append(m.tensor if grads[0] and delay == 0 else None)
+        for key, flag in zip(keys, grads[1:]):  # context tensors stay live, as in the simulator
+            if flag:
+                m.context[key] = m.context[key].detach().requires_grad_()
+            leaves.append(m.context[key] if flag else None)
+        self.received[k].append(m)
+        self.leaves[k].append(leaves)
+
+    def pack_answer(self, k: int, live: list) -> tuple[dict, list]:
+        masks, tensors = [], []
+        for grads in live:
+            mask, present = wire.encode_optional(grads)
+            masks.append(mask)
+            tensors.extend(present)
+        headers, back_tensors = wire.encode(self.back[k])
+        header = {"masks": masks, "returned": self.returned[k], "messages": headers}
+        return header, tensors + back_tensors
+
+    def answer(self, k: int, header: dict, tensors: list, in_flight: InFlight) -> None:
+        """The receiver's answer on link k: live gradients, answered messages, messages back."""
+        at, live = 0, []
+        for mask in header["masks"]:
+            n = sum(mask)
+            live.append(wire.decode_optional(mask, tensors[at : at + n]))
+            at += n
+        self.live[k] = live
+        for position in header["returned"]:
+            self.sent[k][position][0].returned = True
+        for m, due, _ in wire.decode(header["messages"], tensors[at:]):
+            in_flight.send(m, due)
+
+    def answer_local(self, k: int, live: list, in_flight: InFlight) -> None:
+        self.live[k] = live
+        for position in self.returned[k]:
+            self.sent[k][position][0].returned = True
+        for m, due in self.back[k]:
+            in_flight.send(m, due)
+
+
+def _live_tensors(message: Message, delay: int) -> list:
+    """The sender-side tensors whose gradient comes back in this step's backward."""
+    main = message.tensor if delay == 0 else None
+    return [main, *(message.context[key] for key in sorted(message.context))]
+
+
+def _copy(message: Message) -> Message:
+    m = Message(message.kind, message.batch, message.sender, message.receiver, message.tensor)
+    m.step, m.version, m.context = message.step, message.version, dict(message.context)
+    return m
+
+
+def detached(message: Message) -> Message:
+    m = _copy(message)
+    m.tensor = message.tensor.detach()
+    m.context = {k: v.detach() for k, v in message.context.items()}
+    return m

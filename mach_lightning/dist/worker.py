@@ -1,0 +1,222 @@
+"""A component process of a `runtime.name=dist` run: its own nodes, loop, optimizers and metrics.
+
+Started by the coordinator (dist/coordinator.py) as
+    python -m mach_lightning.dist.worker --run-dir DIR --rank R --world N --store HOST:PORT
+It builds the whole model exactly as the simulator does (same seed, same initial weights, same
+data order), keeps the nodes `rule.process_of` gives it, links to the processes its nodes talk to
+and trains in lockstep (dist/lockstep.py). It writes under DIR/components/c<R>/: metrics.csv (its
+own metrics, every log point), weights.pt (its components' weights, at the end), log.txt (what it
+printed) and, if it fails, error.json (what went wrong, and which peer if a peer did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch import seed_everything
+from omegaconf import OmegaConf
+
+from mach_lightning.atomic import atomic_write_text
+from mach_lightning.data import create_datamodule
+from mach_lightning.dist.lockstep import LockstepProcess
+from mach_lightning.dist.transport import Link, PeerError
+from mach_lightning.runs import RunCSVLogger
+from mach_lightning.sim import create_topology
+from mach_lightning.sim.meter import TrainMeter
+
+EXIT_PEER = 3  # a peer failed or hung (error.json names it)
+
+
+def component_dir(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "components" / f"c{rank}"
+
+
+def build(cfg, rank: int, store):
+    """The simulator's module (same init), this process's nodes, their links, the optimizers."""
+    seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = create_datamodule(cfg.data, cfg.seed)
+    datamodule.prepare_data()
+    module = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
+    datamodule.setup("fit")
+    rule, timeout = module.rule, float(cfg.runtime.timeout_s)
+    mine = {n.index for n in rule.nodes() if rule.process_of(n.index) == rank}
+    peers = {
+        rule.process_of(other)
+        for s, r in rule.links()
+        for node, other in ((s, r), (r, s))
+        if node in mine and rule.process_of(other) != rank
+    }
+    links = {p: Link(store, rank, p, timeout) for p in sorted(peers)}  # sorted: no deadlock
+    optimizers, schedulers = module.configure_optimizers()
+    return module, datamodule, LockstepProcess(rule, rank, links), optimizers, schedulers
+
+
+def own_state(module, process: LockstepProcess) -> dict[str, torch.Tensor]:
+    """The entries of the module's state_dict that this process's nodes train."""
+    owned = {
+        id(t)
+        for node in process.mine
+        for m in node.modules.values()
+        for t in m.state_dict(keep_vars=True).values()
+    }
+    full = module.state_dict(keep_vars=True)
+    return {k: v.detach().clone() for k, v in full.items() if id(v) in owned}
+
+
+def train(cfg, rank: int, store, out_dir: Path) -> int:
+    """Every batch step of this process's nodes; returns the number of steps trained."""
+    module, datamodule, process, optimizers, schedulers = build(cfg, rank, store)
+    loader = datamodule.train_dataloader()
+    per_epoch = batches_per_epoch(len(loader), cfg.trainer.limit_train_batches)
+    log_every = max(1, min(int(cfg.trainer.log_every_n_steps), per_epoch))
+    max_steps, max_epochs = int(cfg.trainer.max_steps), int(cfg.trainer.max_epochs)
+    logger, meter, clock = RunCSVLogger(out_dir), TrainMeter(), StepClock(process)
+    t, done = 0, False
+    for _epoch in range(max_epochs if max_epochs > 0 else 2**62):
+        for b, (x, y) in enumerate(loader):
+            if b >= per_epoch:
+                break
+            clock.start()
+            outs = train_step(module, process, optimizers, x, y, t)
+            meter_update(meter, outs, y, clock.stop())
+            t += 1
+            if t % log_every == 0:
+                logger.log_metrics(step_metrics(process, meter, clock, rank), step=t)
+                meter.reset()
+            done = 0 < max_steps <= t
+            if done:
+                break
+        for scheduler in schedulers:  # once an epoch, as the simulator's
+            scheduler.step()
+        if done:
+            break
+    logger.save()
+    torch.save({"step": t, "state": own_state(module, process)}, out_dir / "weights.pt")
+    return t
+
+
+def train_step(module, process: LockstepProcess, optimizers, x, y, t: int) -> dict:
+    """Batch step t of this process's nodes; each that applied something steps its optimizers."""
+    for node in process.mine:
+        for j in node.optimizers:
+            optimizers[j].zero_grad(set_to_none=True)
+    outs = process.step(x, y, t, module.schedule.delays(t), module.schedule.active(t))
+    for node in process.mine:
+        out = outs[node.index]
+        if out.updates:
+            mine = [optimizers[j] for j in node.optimizers]
+            for hook in out.before_step:
+                hook(mine)
+            for optimizer in mine:
+                optimizer.step()
+    process.flush()
+    return outs
+
+
+def meter_update(meter: TrainMeter, outs: dict, y, elapsed: float) -> None:
+    """train/loss and train/acc, in the process whose node gives the model's logits."""
+    main = next((o for o in outs.values() if o.logits is not None), None)
+    if main is not None:
+        loss = main.logits_loss
+        loss = F.cross_entropy(main.logits.detach(), y) if loss is None else loss
+        meter.update(loss, main.logits, y, elapsed)
+
+
+def batches_per_epoch(n: int, limit: float) -> int:
+    """Lightning's reading of trainer.limit_train_batches: a fraction (<= 1.0) or a count."""
+    return min(n, int(limit)) if limit > 1 else max(1, int(n * limit))
+
+
+class StepClock:
+    """Wall time per step, and the share of it spent waiting on the links."""
+
+    def __init__(self, process: LockstepProcess):
+        self.process, self.steps, self.seconds, self._t0 = process, 0, 0.0, 0.0
+        self._wait0 = self.waited()
+
+    def waited(self) -> float:
+        return sum(link.stats.wait_s for link in self.process.peers.values())
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        elapsed = time.perf_counter() - self._t0
+        self.steps, self.seconds = self.steps + 1, self.seconds + elapsed
+        return elapsed
+
+    def window(self, rank: int) -> dict[str, float]:
+        """Metrics since the last call: real step time, waiting share, traffic per link."""
+        waited = self.waited() - self._wait0
+        out = {
+            f"time/real_step_ms_c{rank}": 1000.0 * self.seconds / max(self.steps, 1),
+            f"time/wait_frac_c{rank}": waited / max(self.seconds, 1e-9),
+        }
+        for peer, link in self.process.peers.items():
+            seconds = max(self.seconds, 1e-9)
+            out[f"link/msgs_per_s_c{rank}-c{peer}"] = link.stats.messages / seconds
+            out[f"link/mb_per_s_c{rank}-c{peer}"] = link.stats.bytes / 2**20 / seconds
+            link.stats.messages = link.stats.bytes = 0
+        self.steps, self.seconds, self._wait0 = 0, 0.0, self.waited()
+        return out
+
+
+def step_metrics(process, meter, clock, rank: int) -> dict[str, float]:
+    metrics = clock.window(rank)
+    if meter.steps:
+        metrics.update(meter.summary())
+    for node in process.mine:
+        metrics.update(node.meter.summary())
+    return metrics
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--store", required=True, help="HOST:PORT of the coordinator's store")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import mach_lightning.methods  # noqa: F401  (the registry of rules)
+
+    out_dir = component_dir(args.run_dir, args.rank)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = OmegaConf.load(args.run_dir / "config.yaml")
+    # the processes share the machine's cores (lockstep keeps few of them busy at once)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world))
+    (out_dir / "pid").write_text(f"{os.getpid()}\n")
+    host, port = args.store.rsplit(":", 1)
+    timeout = timedelta(seconds=float(cfg.runtime.timeout_s))
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+        steps = train(cfg, args.rank, store, out_dir)
+    except PeerError as err:
+        write_error(out_dir, str(err), peer=err.peer)
+        return EXIT_PEER
+    except Exception as err:  # noqa: BLE001  (recorded for the coordinator, then re-raised)
+        write_error(out_dir, f"{type(err).__name__}: {err}", trace=traceback.format_exc())
+        raise
+    print(f"component process {args.rank}: {steps} steps", flush=True)
+    return 0
+
+
+def write_error(out_dir: Path, message: str, **fields) -> None:
+    atomic_write_text(out_dir / "error.json", json.dumps({"message": message, **fields}) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
