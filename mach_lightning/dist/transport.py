@@ -11,13 +11,18 @@ a peer that hangs is named, never waited on for gloo's default 30 minutes.
 
 from __future__ import annotations
 
+import math
 import pickle
+import struct
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+HEADER_SLOT = 2048  # bytes: a bundle's header (pickled) fits in one fixed-size receive
 
 
 class PeerError(RuntimeError):
@@ -52,6 +57,9 @@ class Link:
         except RuntimeError as err:
             raise PeerError(peer, f"no link within {timeout_s:g} s", err) from None
         self.stats = LinkStats()
+        self._posted: dict[int, tuple] = {}  # tag -> the receive posted for its next bundle
+        self._expected: dict[int, int] = {}  # tag -> the size the peer has posted for
+        self._sending: dict[int, tuple] = {}  # tag -> (its last send, the buffer it sends)
 
     # ----- raw tensors -----
     def _send(self, tensor: torch.Tensor, tag: int) -> None:
@@ -78,25 +86,88 @@ class Link:
     # ----- bundles -----
     def send_bundle(self, tag: int, header: dict, tensors: list[torch.Tensor]) -> None:
         """Send a header and its tensors under `tag` (one tag per node link and direction, so
-        bundles between the same two processes never overtake each other)."""
+        bundles between the same two processes never overtake each other).
+
+        A bundle is one buffer: the header (pickled, its length first) in a fixed-size slot,
+        then the tensors' bytes. A gloo transfer starts once both sides have posted it, so the
+        receiver posts the next bundle's receive ahead, sized as the bundle before (in lockstep
+        a link carries the same shapes step after step); both sides know that size. A bundle of
+        another size first fills the posted receive with its header, then follows whole."""
         tensors = [t.detach().contiguous() for t in tensors]
-        header = {**header, "sent_at": time.time()}
-        header["shapes"] = [(tuple(t.shape), t.dtype) for t in tensors]
-        raw = torch.frombuffer(bytearray(pickle.dumps(header)), dtype=torch.uint8)
-        self._send(torch.tensor([raw.numel()], dtype=torch.int64), tag)
-        self._send(raw, tag)
-        for t in tensors:
-            self._send(t, tag)
+        shapes = [(tuple(t.shape), t.dtype) for t in tensors]
+        header = {**header, "sent_at": time.time(), "shapes": shapes}
+        offsets, total = _layout(shapes)
+        header["total"] = total
+        raw = pickle.dumps(header)
+        if len(raw) > HEADER_SLOT - 8:
+            raise ValueError(f"a bundle header of {len(raw)} bytes exceeds {HEADER_SLOT - 8}")
+        buffer = self._send_buffer(tag, total)
+        slot = struct.pack("<q", len(raw)) + raw
+        buffer[: len(slot)] = torch.frombuffer(bytearray(slot), dtype=torch.uint8)
+        for t, at in zip(tensors, offsets):
+            _view(buffer, at, t.shape, t.dtype).copy_(t)
+        expected = self._expected.get(tag, HEADER_SLOT)
+        if expected != total:  # what the peer posted is only big enough to say so
+            self._send(buffer[:expected] if expected < total else _padded(buffer, expected), tag)
+        self._send(buffer, tag)
+        self._sending[tag] = (self.stats.sent[-1], buffer)
+        self._expected[tag] = total
         self.stats.messages += 1
-        self.stats.bytes += raw.numel() + sum(t.numel() * t.element_size() for t in tensors)
+        self.stats.bytes += total
+
+    def _send_buffer(self, tag: int, size: int) -> torch.Tensor:
+        """The tag's send buffer, reused once its last send is done: a fresh large buffer per
+        bundle costs more than the transfer (the allocator maps and faults its pages in)."""
+        work, buffer = self._sending.pop(tag, (None, None))
+        if buffer is None or buffer.numel() != size or not work.is_completed():
+            return torch.empty(size, dtype=torch.uint8)  # (a gloo send is waited on once only)
+        return buffer
+
+    def _post(self, tag: int, size: int) -> None:
+        buffer = torch.empty(size, dtype=torch.uint8)
+        self._posted[tag] = (self.group.recv([buffer], self.peer_rank, tag), buffer)
 
     def recv_bundle(self, tag: int) -> tuple[dict, list[torch.Tensor]]:
-        size = int(self._recv(torch.zeros(1, dtype=torch.int64), tag))
-        raw = self._recv(torch.empty(size, dtype=torch.uint8), tag)
-        header = pickle.loads(raw.numpy().tobytes())
-        shapes = header["shapes"]
-        tensors = [self._recv(torch.empty(shape, dtype=dtype), tag) for shape, dtype in shapes]
+        if tag not in self._posted:
+            self._post(tag, HEADER_SLOT)
+        work, buffer = self._posted.pop(tag)
+        start = time.perf_counter()
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as err:
+            raise PeerError(self.peer, f"nothing received within {self.timeout}", err) from None
+        self.stats.wait_s += time.perf_counter() - start
+        view = memoryview(buffer.numpy())
+        (size,) = struct.unpack("<q", view[:8])
+        header = pickle.loads(view[8 : 8 + size])
+        if header["total"] != buffer.numel():  # it was only the header: the bundle follows
+            buffer = self._recv(torch.empty(header["total"], dtype=torch.uint8), tag)
+        offsets, _ = _layout(header["shapes"])
+        tensors = [_view(buffer, at, s, d) for (s, d), at in zip(header["shapes"], offsets)]
+        self._post(tag, header["total"])
         return header, tensors
 
     def close(self) -> None:
         self.flush()
+
+
+def _layout(shapes: list) -> tuple[list[int], int]:
+    """Each tensor's byte offset in a bundle (after the header slot, 8-byte aligned), and the
+    bundle's size."""
+    offsets, at = [], HEADER_SLOT
+    for shape, dtype in shapes:
+        offsets.append(at)
+        nbytes = math.prod(shape) * dtype.itemsize
+        at += -(-nbytes // 8) * 8
+    return offsets, at
+
+
+def _view(buffer: torch.Tensor, at: int, shape, dtype) -> torch.Tensor:
+    size = math.prod(shape) * dtype.itemsize
+    return buffer[at : at + size].view(dtype).view(shape)
+
+
+def _padded(buffer: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.uint8)
+    out[: buffer.numel()] = buffer
+    return out
