@@ -52,7 +52,7 @@ def run_components(cfg, run_dir: Path, rule) -> DistResult:
     procs = [_start(run_dir, rank, world, f"{r.host}:{store.port}") for rank in range(world)]
     print(f"dist: {world} component processes (logs: {run_dir}/components/c*/log.txt)", flush=True)
     try:
-        _watch(procs, run_dir, float(r.timeout_s))
+        _watch(procs, run_dir, float(r.timeout_s), Progress(store, world, cfg.trainer.max_steps))
     finally:
         _stop(procs)
     collected = [torch.load(component_dir(run_dir, k) / "weights.pt") for k in range(world)]
@@ -72,9 +72,28 @@ def _start(run_dir: Path, rank: int, world: int, store: str) -> subprocess.Popen
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _watch(procs: list[subprocess.Popen], run_dir: Path, timeout_s: float) -> None:
+class Progress:
+    """A line every `every_s` seconds: the steps each component process has reached."""
+
+    def __init__(self, store, world: int, max_steps: int, every_s: float = 10.0):
+        self.store, self.world, self.max_steps, self.every_s = store, world, max_steps, every_s
+        self.next = time.monotonic() + every_s
+
+    def report(self) -> None:
+        if time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + self.every_s
+        keys = [f"progress/{k}" for k in range(self.world)]
+        steps = [int(self.store.get(k)) if self.store.check([k]) else 0 for k in keys]
+        total = f"/{self.max_steps}" if self.max_steps > 0 else ""
+        print("dist: steps " + ", ".join(f"c{k} {s}{total}" for k, s in enumerate(steps)))
+
+
+def _watch(procs, run_dir: Path, timeout_s: float, progress: Progress | None = None) -> None:
     """Until every process has exited 0; the first failure raises, naming the culprit."""
     while True:
+        if progress is not None:
+            progress.report()
         codes = [p.poll() for p in procs]
         if all(c == 0 for c in codes):
             return

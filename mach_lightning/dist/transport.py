@@ -3,10 +3,10 @@
 There is no global world for training traffic. Each link is its own `ProcessGroupGloo` of size 2,
 built under its own `PrefixStore` (`link/<a>-<b>/g<generation>`) of the coordinator's store, so a
 link can be rebuilt (a new generation) without touching the others. A *bundle* is what one node
-sends another on one step: a list of messages. On the wire it is a header (the messages' kinds,
-batch ids, senders, steps, weight versions, send time, and each tensor's shape and dtype, pickled
-into bytes) followed by the tensors themselves, raw. Every wait is bounded by the link's timeout:
-a peer that hangs is named, never waited on for gloo's default 30 minutes.
+sends another on one step: a list of messages. On the wire it is one buffer: a header (the
+messages' kinds, batch ids, senders, steps, weight versions, send time, and each tensor's shape and
+dtype, pickled) in a fixed-size slot, then the tensors' bytes. Every wait is bounded by the link's
+timeout: a peer that hangs is named, never waited on for gloo's default 30 minutes.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
-HEADER_SLOT = 2048  # bytes: a bundle's header (pickled) fits in one fixed-size receive
+HEADER_SLOT = 2048  # bytes: the least room for a bundle's header (a larger one gets a larger slot)
+PREFIX = struct.Struct("<qqq")  # a bundle's header length, header slot and total size, in bytes
 
 
 class PeerError(RuntimeError):
@@ -88,27 +88,29 @@ class Link:
         """Send a header and its tensors under `tag` (one tag per node link and direction, so
         bundles between the same two processes never overtake each other).
 
-        A bundle is one buffer: the header (pickled, its length first) in a fixed-size slot,
-        then the tensors' bytes. A gloo transfer starts once both sides have posted it, so the
-        receiver posts the next bundle's receive ahead, sized as the bundle before (in lockstep
-        a link carries the same shapes step after step); both sides know that size. A bundle of
-        another size first fills the posted receive with its header, then follows whole."""
+        A bundle is one buffer: a prefix (header length, slot size, total size), the pickled
+        header in its slot, then the tensors' bytes. A gloo transfer starts once both sides
+        have posted it, so the receiver posts the next bundle's receive ahead, sized as the
+        bundle before (in lockstep a link carries the same shapes step after step); both sides
+        know that size. A bundle of another size is announced first (a prefix alone, in the
+        posted receive), then follows whole."""
         tensors = [t.detach().contiguous() for t in tensors]
         shapes = [(tuple(t.shape), t.dtype) for t in tensors]
-        header = {**header, "sent_at": time.time(), "shapes": shapes}
-        offsets, total = _layout(shapes)
-        header["total"] = total
-        raw = pickle.dumps(header)
-        if len(raw) > HEADER_SLOT - 8:
-            raise ValueError(f"a bundle header of {len(raw)} bytes exceeds {HEADER_SLOT - 8}")
+        raw = pickle.dumps({**header, "sent_at": time.time(), "shapes": shapes})
+        slot = max(HEADER_SLOT, -(-(PREFIX.size + len(raw)) // 8) * 8)
+        offsets, total = _layout(shapes, slot)
         buffer = self._send_buffer(tag, total)
-        slot = struct.pack("<q", len(raw)) + raw
-        buffer[: len(slot)] = torch.frombuffer(bytearray(slot), dtype=torch.uint8)
+        head = PREFIX.pack(len(raw), slot, total) + raw
+        buffer[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
         for t, at in zip(tensors, offsets):
             _view(buffer, at, t.shape, t.dtype).copy_(t)
         expected = self._expected.get(tag, HEADER_SLOT)
-        if expected != total:  # what the peer posted is only big enough to say so
-            self._send(buffer[:expected] if expected < total else _padded(buffer, expected), tag)
+        if expected != total:  # the posted receive only learns the size to expect
+            announce = torch.zeros(expected, dtype=torch.uint8)
+            announce[: PREFIX.size] = torch.frombuffer(
+                bytearray(PREFIX.pack(0, slot, total)), dtype=torch.uint8
+            )
+            self._send(announce, tag)
         self._send(buffer, tag)
         self._sending[tag] = (self.stats.sent[-1], buffer)
         self._expected[tag] = total
@@ -137,24 +139,25 @@ class Link:
         except RuntimeError as err:
             raise PeerError(self.peer, f"nothing received within {self.timeout}", err) from None
         self.stats.wait_s += time.perf_counter() - start
+        _, _, total = PREFIX.unpack(memoryview(buffer.numpy())[: PREFIX.size])
+        if total != buffer.numel():  # an announcement: the bundle follows
+            buffer = self._recv(torch.empty(total, dtype=torch.uint8), tag)
         view = memoryview(buffer.numpy())
-        (size,) = struct.unpack("<q", view[:8])
-        header = pickle.loads(view[8 : 8 + size])
-        if header["total"] != buffer.numel():  # it was only the header: the bundle follows
-            buffer = self._recv(torch.empty(header["total"], dtype=torch.uint8), tag)
-        offsets, _ = _layout(header["shapes"])
+        size, slot, _ = PREFIX.unpack(view[: PREFIX.size])
+        header = pickle.loads(view[PREFIX.size : PREFIX.size + size])
+        offsets, _ = _layout(header["shapes"], slot)
         tensors = [_view(buffer, at, s, d) for (s, d), at in zip(header["shapes"], offsets)]
-        self._post(tag, header["total"])
+        self._post(tag, total)
         return header, tensors
 
     def close(self) -> None:
         self.flush()
 
 
-def _layout(shapes: list) -> tuple[list[int], int]:
+def _layout(shapes: list, slot: int) -> tuple[list[int], int]:
     """Each tensor's byte offset in a bundle (after the header slot, 8-byte aligned), and the
     bundle's size."""
-    offsets, at = [], HEADER_SLOT
+    offsets, at = [], slot
     for shape, dtype in shapes:
         offsets.append(at)
         nbytes = math.prod(shape) * dtype.itemsize
@@ -165,9 +168,3 @@ def _layout(shapes: list) -> tuple[list[int], int]:
 def _view(buffer: torch.Tensor, at: int, shape, dtype) -> torch.Tensor:
     size = math.prod(shape) * dtype.itemsize
     return buffer[at : at + size].view(dtype).view(shape)
-
-
-def _padded(buffer: torch.Tensor, size: int) -> torch.Tensor:
-    out = torch.zeros(size, dtype=torch.uint8)
-    out[: buffer.numel()] = buffer
-    return out

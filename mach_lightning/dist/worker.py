@@ -93,6 +93,7 @@ def train(cfg, rank: int, store, out_dir: Path) -> int:
             if t % log_every == 0:
                 logger.log_metrics(step_metrics(process, meter, clock, rank), step=t)
                 meter.reset()
+                store.set(f"progress/{rank}", str(t))  # the coordinator's progress line
             done = 0 < max_steps <= t
             if done:
                 break
@@ -111,16 +112,21 @@ def train_step(module, process: LockstepProcess, optimizers, x, y, t: int) -> di
         for j in node.optimizers:
             optimizers[j].zero_grad(set_to_none=True)
     outs = process.step(x, y, t, module.schedule.delays(t), module.schedule.active(t))
-    for node in process.mine:
-        out = outs[node.index]
-        if out.updates:
-            mine = [optimizers[j] for j in node.optimizers]
-            for hook in out.before_step:
-                hook(mine)
-            for optimizer in mine:
-                optimizer.step()
+    step_optimizers(process.mine, outs, optimizers)
     process.flush()
     return outs
+
+
+def step_optimizers(nodes, outs: dict, optimizers) -> None:
+    """Each node that applied something steps its own optimizers (after its hooks: DC-ASGD)."""
+    for node in nodes:
+        out = outs[node.index]
+        if out.updates:
+            own = [optimizers[j] for j in node.optimizers]
+            for hook in out.before_step:
+                hook(own)
+            for optimizer in own:
+                optimizer.step()
 
 
 def meter_update(meter: TrainMeter, outs: dict, y, elapsed: float) -> None:

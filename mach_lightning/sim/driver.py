@@ -28,7 +28,7 @@ FORWARD_KINDS = (ACTIVATION, EMBEDDING)
 class StepResult:
     """One step of every node: the summed objective and each node's outbox."""
 
-    objective: torch.Tensor
+    objective: torch.Tensor | None
     outboxes: dict[int, Outbox] = field(default_factory=dict)
     returns: list[Return] = field(default_factory=list)
 
@@ -42,17 +42,20 @@ class LockstepDriver:
     def __init__(self, rule, nodes: list[Node]):
         self.rule, self.nodes = rule, nodes
         self.in_flight = InFlight()
+        self._reads = [rule.reads_input(n.index) for n in nodes]  # asked once, not every step
 
     def forward(self, x, y, step: int, delays: list[int], active=None) -> StepResult:
         """Every node's step for batch `step`: outboxes and the objective (no backward yet).
         `active`: the schedule's per-component activity at `step` (None: all work)."""
         delivered: dict[int, list[Message]] = defaultdict(list)
-        result, terms = StepResult(objective=torch.zeros(())), []
-        for node in self.nodes:
+        result, terms = StepResult(objective=None), []
+        if active is None:
+            active = [True] * len(delays)  # one list for every node's inbox
+        for node, reads in zip(self.nodes, self._reads):
             i = node.index
             inbox = Inbox(
                 batch=step,
-                x=x if self.rule.reads_input(i) else None,
+                x=x if reads else None,
                 y=y,
                 step=step,
                 delays=delays,
