@@ -200,11 +200,8 @@ def _dist_train_and_test(cfg, trainer, model, datamodule, run_dir) -> dict:
     with lightning_loading(False):
         trainer.validate(model, datamodule=datamodule, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
-        if cfg.trainer.test_after_fit:
-            trainer.test(model, datamodule=datamodule, verbose=False)
-            metrics.update(
-                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-            )
+        if cfg.trainer.test_after_fit:  # no best checkpoint: test/ only
+            metrics.update(_test(trainer, model, datamodule, trust=False))
     metrics.update({"step": float(done.steps), "time/dist_wall_s": done.seconds})
     metrics["mem/peak_mb"] = peak_memory_mb()
     for logger in trainer.loggers:

@@ -25,6 +25,7 @@ GRADIENT = "gradient"  # dL/d(output) of a batch, back to the node that produced
 EMBEDDING = "embedding"  # MACH: a node's embedding of a batch, to the nodes consuming it
 TARGET = "target"  # DNI: the true gradient at a boundary, the synthesizer's regression target
 KINDS = (ACTIVATION, GRADIENT, EMBEDDING, TARGET)
+FORWARD_KINDS = (ACTIVATION, EMBEDDING)  # travel forward over links; their gradients come back
 
 
 @dataclass

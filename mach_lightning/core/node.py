@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mach_lightning.core.messages import ACTIVATION, GRADIENT, Message
@@ -111,6 +112,13 @@ class Outbox:
     def updates(self) -> bool:
         """Whether the node's optimizers step: it applied a batch, or says so (replays)."""
         return bool(self.applied) if self.stepped is None else self.stepped
+
+    def logged_loss(self, y: torch.Tensor) -> torch.Tensor:
+        """The training loss to log for `logits`: the rule's own, else their cross-entropy (an
+        extra ~20 us a step)."""
+        if self.logits_loss is not None:
+            return self.logits_loss.detach()
+        return F.cross_entropy(self.logits.detach(), y)
 
     def add_loss(self, loss: torch.Tensor) -> None:
         self.loss = loss if isinstance(self.loss, float) else self.loss + loss

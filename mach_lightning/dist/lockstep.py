@@ -22,11 +22,10 @@ from collections import defaultdict
 
 import torch
 
-from mach_lightning.core.messages import ACTIVATION, EMBEDDING, InFlight, Message
+from mach_lightning.core.memory import detached
+from mach_lightning.core.messages import FORWARD_KINDS, InFlight, Message
 from mach_lightning.core.node import Inbox, Outbox, Return
 from mach_lightning.dist import wire
-
-FORWARD_KINDS = (ACTIVATION, EMBEDDING)
 
 
 class LockstepProcess:
@@ -36,7 +35,8 @@ class LockstepProcess:
         self.rule, self.me, self.peers = rule, me, links
         self.nodes = rule.nodes()
         position = {n.index: p for p, n in enumerate(self.nodes)}
-        self.mine = [n for n in self.nodes if rule.process_of(n.index) == me]
+        self.process = {n.index: rule.process_of(n.index) for n in self.nodes}  # asked once
+        self.mine = [n for n in self.nodes if self.process[n.index] == me]
         self.node_links = rule.links()
         self.link_id = {pair: k for k, pair in enumerate(self.node_links)}
         self.inbound, self.outbound = defaultdict(list), defaultdict(list)
@@ -47,10 +47,10 @@ class LockstepProcess:
         self.in_flight = InFlight()
 
     def local(self, node_index: int) -> bool:
-        return self.rule.process_of(node_index) == self.me
+        return self.process[node_index] == self.me
 
     def peer(self, node_index: int):
-        return self.peers[self.rule.process_of(node_index)]
+        return self.peers[self.process[node_index]]
 
     # ----- one batch step -----
     def step(self, x, y, t: int, delays: list[int], active) -> dict[int, Outbox]:
@@ -122,7 +122,7 @@ class LockstepProcess:
         if self.local(message.receiver):
             self.in_flight.send(message, due)
         else:
-            s.back[self._link(message.receiver, frm, message)].append((detached(message), due))
+            s.back[self._link(message.receiver, frm, message)].append((_detached(message), due))
 
     def _backward(self, node, out: Outbox, s, t: int) -> None:
         i = node.index
@@ -239,8 +239,7 @@ def _copy(message: Message) -> Message:
     return m
 
 
-def detached(message: Message) -> Message:
+def _detached(message: Message) -> Message:
     m = _copy(message)
-    m.tensor = message.tensor.detach()
-    m.context = {k: v.detach() for k, v in message.context.items()}
+    m.tensor, m.context = message.tensor.detach(), detached(message.context)
     return m

@@ -15,7 +15,7 @@ import math
 import pickle
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -41,7 +41,6 @@ class LinkStats:
     messages: int = 0
     bytes: int = 0
     wait_s: float = 0.0  # time spent blocked in receives
-    sent: list = field(default_factory=list)  # pending sends (waited on at the end of a step)
 
 
 class Link:
@@ -57,13 +56,14 @@ class Link:
         except RuntimeError as err:
             raise PeerError(peer, f"no link within {timeout_s:g} s", err) from None
         self.stats = LinkStats()
+        self._unfinished: list = []  # this step's sends, waited on at its end (flush)
         self._posted: dict[int, tuple] = {}  # tag -> the receive posted for its next bundle
         self._expected: dict[int, int] = {}  # tag -> the size the peer has posted for
         self._sending: dict[int, tuple] = {}  # tag -> (its last send, the buffer it sends)
 
     # ----- raw tensors -----
     def _send(self, tensor: torch.Tensor, tag: int) -> None:
-        self.stats.sent.append(self.group.send([tensor], self.peer_rank, tag))
+        self._unfinished.append(self.group.send([tensor], self.peer_rank, tag))
 
     def _recv(self, tensor: torch.Tensor, tag: int) -> torch.Tensor:
         start = time.perf_counter()
@@ -76,7 +76,7 @@ class Link:
 
     def flush(self) -> None:
         """Wait for this step's sends (each bounded by the timeout)."""
-        sent, self.stats.sent = self.stats.sent, []
+        sent, self._unfinished = self._unfinished, []
         for work in sent:
             try:
                 work.wait(self.timeout)
@@ -112,7 +112,7 @@ class Link:
             )
             self._send(announce, tag)
         self._send(buffer, tag)
-        self._sending[tag] = (self.stats.sent[-1], buffer)
+        self._sending[tag] = (self._unfinished[-1], buffer)
         self._expected[tag] = total
         self.stats.messages += 1
         self.stats.bytes += total
@@ -149,9 +149,6 @@ class Link:
         tensors = [_view(buffer, at, s, d) for (s, d), at in zip(header["shapes"], offsets)]
         self._post(tag, total)
         return header, tensors
-
-    def close(self) -> None:
-        self.flush()
 
 
 def _layout(shapes: list, slot: int) -> tuple[list[int], int]:

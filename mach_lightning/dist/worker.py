@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch import seed_everything
 from omegaconf import OmegaConf
 
@@ -133,9 +132,7 @@ def meter_update(meter: TrainMeter, outs: dict, y, elapsed: float) -> None:
     """train/loss and train/acc, in the process whose node gives the model's logits."""
     main = next((o for o in outs.values() if o.logits is not None), None)
     if main is not None:
-        loss = main.logits_loss
-        loss = F.cross_entropy(main.logits.detach(), y) if loss is None else loss
-        meter.update(loss, main.logits, y, elapsed)
+        meter.update(main.logged_loss(y), main.logits, y, elapsed)
 
 
 def batches_per_epoch(n: int, limit: float) -> int:

@@ -18,10 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mach_lightning.core.messages import ACTIVATION, EMBEDDING, InFlight, Message
+from mach_lightning.core.messages import FORWARD_KINDS, InFlight, Message
 from mach_lightning.core.node import Inbox, Node, Outbox, Return
-
-FORWARD_KINDS = (ACTIVATION, EMBEDDING)
 
 
 @dataclass
