@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Checkpoint, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mach_lightning import runs
 
@@ -18,7 +19,11 @@ class LastCheckpoint(Checkpoint):
       ModelCheckpoint (listed before it), so the file holds this epoch's best-checkpoint tracking;
     - every N batch steps (every_n_steps > 0), except at an epoch's last batch, where the
       epoch-end save follows (a checkpoint taken there would resume past the epoch-end hooks);
-    - when training ends (max_steps, a divergence stop) and on SIGTERM, before Lightning stops.
+    - when training ends (max_steps, a divergence stop) and on SIGTERM, before Lightning stops:
+      at the batch's end, or, for a SIGTERM that lands after that check but before Lightning's
+      own (a narrow window: Lightning saves its loggers between the two), in `on_exception`. The
+      batch is complete there, which Lightning resumes as a checkpoint saved after it; at an
+      epoch's last batch the epoch-end hooks have not run, so the previous save stands.
 
     Saved from every rank (a collective save, safe under DDP: every rank reaches the same hooks).
     The file is written atomically (atomic.AtomicCheckpointIO): a kill mid-save keeps the
@@ -55,6 +60,13 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.save_last(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        if not isinstance(exception, SIGTERMException) or not trainer.training:
+            return
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if self._saved_step != pl_module.batch_step and batches_done < trainer.num_training_batches:
+            self.save_last(trainer)
 
     def on_train_end(self, trainer, pl_module):
         if self._saved_step != pl_module.batch_step:  # else the epoch-end save holds this state
