@@ -191,15 +191,17 @@ def _dist_train_and_test(cfg, trainer, model, datamodule, run_dir) -> dict:
     from mach_lightning.dist.coordinator import run_components
 
     done = run_components(cfg, run_dir, model.rule)
-    model.load_state_dict({**model.state_dict(), **done.state})
-    model.batch_step = done.steps
     for row in done.rows:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     metrics = {k: v for row in done.rows for k, v in row.items() if "/" in k}  # the latest
     with lightning_loading(False):
-        trainer.validate(model, datamodule=datamodule, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k})
+        for epoch in done.epochs:  # val/* per epoch, as a simulated run logs them
+            metrics.update(_validate_at(trainer, model, datamodule, epoch))
+        if not done.epochs or done.epochs[-1]["step"] != done.steps:  # ended inside an epoch
+            last = {"epoch": len(done.epochs), "step": done.steps, "state": done.state}
+            metrics.update(_validate_at(trainer, model, datamodule, last))
+        model.load_state_dict({**model.state_dict(), **done.state})
         if cfg.trainer.test_after_fit:  # no best checkpoint: test/ only
             metrics.update(_test(trainer, model, datamodule, trust=False))
     metrics.update({"step": float(done.steps), "time/dist_wall_s": done.seconds})
@@ -208,6 +210,19 @@ def _dist_train_and_test(cfg, trainer, model, datamodule, run_dir) -> dict:
         logger.finalize("success")
     runs.write_result(run_dir, metrics, FINISHED)
     return {"run_dir": str(run_dir), "status": FINISHED, "metrics": metrics, "reason": ""}
+
+
+def _validate_at(trainer, model, datamodule, epoch: dict) -> dict:
+    """Validate the merged weights a dist run had at an epoch's end, logged at its step (with
+    the wall time the slowest component process reached it at, time/dist_elapsed_s)."""
+    model.load_state_dict({**model.state_dict(), **epoch["state"]})
+    model.batch_step, model.eval_epoch = epoch["step"], epoch["epoch"]
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if "elapsed_s" in epoch:
+        for logger in trainer.loggers:
+            logger.log_metrics({"time/dist_elapsed_s": epoch["elapsed_s"]}, step=epoch["step"])
+    return metrics
 
 
 class Preempted(SystemExit):

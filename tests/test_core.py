@@ -97,6 +97,18 @@ def test_stash_gives_the_gradient_at_the_weights_of_the_forward(graph_now):
     torch.testing.assert_close(layer.weight.grad, before.weight.grad)
 
 
+def test_a_held_forward_is_due_only_once_released_and_then_at_the_release_step():
+    layer, x = nn.Linear(IN, 2), torch.randn(BATCH, IN)
+    stored = StoredForwards("recompute", [layer])
+    stored.forward(0, linear_forward(layer), (x,), due=2)
+    stored.forward(1, linear_forward(layer), (x,), due=3)
+    stored.hold(0)  # its gradient comes when it comes (dist free mode)
+    assert stored.due(2) == [] and stored.due(3) == [1]
+    stored.release(0, 7)
+    stored.release(5, 7)  # a batch not stored: nothing to release
+    assert stored.due(7) == [0] and len(stored) == 2
+
+
 def test_recompute_replays_at_the_current_weights_and_collects_the_input_gradient():
     torch.manual_seed(0)
     layer, x = nn.Linear(IN, 2), torch.randn(BATCH, IN)

@@ -78,6 +78,17 @@ def test_two_processes_equal_the_simulator(name, tmp_path):
         assert 0.0 <= result[f"time/wait_frac_c{rank}"] <= 1.0
     assert result["link/mb_per_s_c0-c1"] > 0 and result["link/mb_per_s_c1-c0"] > 0
 
+    # validated at every epoch's end, as the simulator is: the same accuracy at the same step
+    def val_by_step(rows: list[dict]) -> dict[int, float]:
+        return {int(float(r["step"])): float(r["val/acc"]) for r in rows if r.get("val/acc")}
+
+    dist_val = val_by_step(read_metrics(run_dir))
+    sim_val = val_by_step(read_metrics(sim_run["run_dir"]))
+    epoch_end = min(sim_val)
+    assert epoch_end < GOLDEN_STEPS
+    assert dist_val[epoch_end] == pytest.approx(sim_val[epoch_end], abs=1e-6)
+    assert (run_dir / "components" / "c0" / "epochs" / "e0.pt").is_file()
+
 
 def start_long_run(tmp_path, *extra: str) -> tuple[subprocess.Popen, Path]:
     """`fit` with runtime.name=dist in its own process, trained long enough to be stopped."""
@@ -130,6 +141,32 @@ def test_a_killed_component_is_named_and_no_process_is_left(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_coordinator_killed_by_sigkill_takes_its_component_processes_with_it(tmp_path):
+    proc, run_dir = start_long_run(tmp_path)
+    pids = component_pids(run_dir)
+    proc.kill()  # no clean-up of its own can run
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        assert [pid for pid in pids if alive(pid)] == []
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by whoever adopted it, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
 def test_a_hung_component_is_named_within_the_timeout(tmp_path):
     proc, run_dir = start_long_run(tmp_path, "runtime.timeout_s=4")
     pids = component_pids(run_dir)
@@ -151,7 +188,10 @@ def test_a_hung_component_is_named_within_the_timeout(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("runtime.mode=free", "runtime.mode=free is not built yet"),
+        ("runtime.mode=free topology.name=mach_seq", "runtime.mode=free runs sync, delayed, local"),
+        ("runtime.mode=free runtime.queue=0", "runtime.queue must be at least 1"),
+        ("runtime.mode=free runtime.sleep_ms=[1,2,3,4]", "runtime.sleep_ms has 4 entries"),
+        ("runtime.mode=often", "Valid choices: lockstep, free"),
         ("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed is for the simulator"),
         ("trainer.devices=2", "trainer.devices=2 is for the simulator"),
         ("runtime.timeout_s=0", "runtime.timeout_s must be positive"),
@@ -159,4 +199,62 @@ def test_a_hung_component_is_named_within_the_timeout(tmp_path):
 )
 def test_dist_settings_the_runtime_cannot_honour_are_refused(override, expected, tmp_path):
     with pytest.raises(ConfigError, match=re.escape(expected)):
-        dist_cfg(tmp_path, override)
+        dist_cfg(tmp_path, *override.split())
+
+
+# ----- free mode: nobody waits longer than its method requires -----
+
+
+@pytest.mark.slow
+def test_free_sync_waits_for_everything_so_it_equals_the_golden(tmp_path):
+    result = run_fit(dist_cfg(tmp_path, "topology.name=sync", "model.num_components=3",
+                              "runtime.mode=free"))  # fmt: skip
+    assert_matches_golden("sync", column(read_metrics(result["run_dir"]), "train/loss"))
+
+
+@pytest.mark.slow
+def test_free_local_never_waits_on_a_gradient_and_equals_the_simulator(tmp_path):
+    """No gradient crosses a link, so however the processes interleave the maths is the
+    simulator's with every delay 0 (free mode's delays for local)."""
+    extra = ("topology.name=local", "model.num_components=3", "trainer.max_steps=12")
+    free = run_fit(dist_cfg(tmp_path / "free", *extra, "runtime.mode=free", "runtime.queue=4"))
+    sim = run_fit(dist_cfg(tmp_path / "sim", *extra, "runtime.name=sim",
+                           "staleness.schedule=constant", "staleness.k=0"))  # fmt: skip
+    free_losses = column(read_metrics(free["run_dir"]), "train/loss")
+    assert len(free_losses) == 12
+    assert free_losses == pytest.approx(column(read_metrics(sim["run_dir"]), "train/loss"),
+                                        rel=1e-5, abs=1e-6)  # fmt: skip
+
+
+def free_delayed(tmp_path, *extra: str) -> dict:
+    """A K=2 free delayed run; its result.json (staleness measured from the headers)."""
+    cfg = dist_cfg(tmp_path, "topology.name=delayed", "model.num_components=2",
+                   "runtime.mode=free", "trainer.max_steps=40", "trainer.max_epochs=10",
+                   "trainer.log_every_n_steps=10",
+                   *extra)  # fmt: skip
+    return json.loads((Path(run_fit(cfg)["run_dir"]) / "result.json").read_text())
+
+
+def staleness_hist(result: dict, component: int) -> dict[int, float]:
+    prefix = f"diag/staleness_hist_c{component}_d"
+    return {int(k[len(prefix) :]): v for k, v in result.items() if k.startswith(prefix)}
+
+
+@pytest.mark.slow
+def test_free_delayed_staleness_is_measured_and_grows_behind_a_slow_receiver(tmp_path):
+    """A slow sender gets each gradient back before its next step (staleness 1); behind a slow
+    receiver it runs ahead as far as its queue allows, so the staleness it applies grows with
+    runtime.queue: one more step per extra send in flight."""
+    slow_sender = free_delayed(tmp_path / "a", "runtime.sleep_ms=[25,0]")
+    assert staleness_hist(slow_sender, 0) == {1: pytest.approx(39, abs=1)}
+    assert slow_sender["time/wait_frac_c1"] > 0.5  # the receiver waits for its input
+    means = {}
+    for q in (1, 3):
+        result = free_delayed(tmp_path / f"q{q}", "runtime.sleep_ms=[0,25]", f"runtime.queue={q}")
+        hist = staleness_hist(result, 0)
+        assert sum(hist.values()) >= 30  # the gradients of almost every batch were applied
+        means[q] = sum(d * n for d, n in hist.items()) / sum(hist.values())
+        assert q + 1 <= means[q] <= q + 3, hist
+        assert result["time/wait_frac_c0"] > 0.3  # the sender waits for room in its queue
+        assert result["status"] == "finished" and result["val/acc"] > 0.2
+    assert means[3] - means[1] == pytest.approx(2.0, abs=0.75)

@@ -17,13 +17,14 @@ import torch.distributed as dist
 from lightning.pytorch import seed_everything
 
 from mach_lightning.config import load_config
+from mach_lightning.config.checks import FREE_METHODS
 from mach_lightning.core.messages import ACTIVATION, GRADIENT, Message
 from mach_lightning.data import create_datamodule
 from mach_lightning.dist import wire
 from mach_lightning.dist.lockstep import LockstepProcess
 from mach_lightning.dist.transport import HEADER_SLOT, Link, PeerError
 from mach_lightning.dist.worker import step_optimizers
-from mach_lightning.methods import list_topologies
+from mach_lightning.methods import list_topologies, rule_class
 from mach_lightning.sim import create_topology
 
 PEER = Path(__file__).parent / "link_peer.py"
@@ -147,3 +148,15 @@ def test_gradient_messages_go_back_along_the_link_they_answer():
     pending = process.in_flight.pending()
     assert [(m.kind, m.sender, m.receiver, m.batch) for m in pending] == [(GRADIENT, 1, 0, 0)]
     assert process.in_flight.take_due(delays[0] - delays[1], 0) == pending
+
+
+@pytest.mark.parametrize("name", list_topologies())
+def test_free_mode_is_offered_by_exactly_the_rules_that_run_it(name):
+    """config/checks.FREE_METHODS (what runtime.mode=free accepts) is the rules' own `free`."""
+    assert rule_class(name).free == (name in FREE_METHODS)
+    if rule_class(name).free:
+        rule = build(name)[0].rule
+        delays = rule.free_delays()
+        assert len(delays) == 3 and delays[-1] == 0  # the top needs no gradient from above
+        decoupled = [d > 0 for d in delays[:-1]]
+        assert decoupled == ([True, True] if name == "delayed" else [False, False])

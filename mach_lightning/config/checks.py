@@ -122,6 +122,30 @@ def validate_synth_and_mach(cfg: DictConfig) -> None:
     resolve_student_modes(mach.use_student, cfg.model.num_components)
 
 
+FREE_METHODS = ("sync", "delayed", "local")  # the rules with `free = True` (a test checks)
+
+
+def validate_free(cfg: DictConfig) -> None:
+    """runtime.mode=free: a method that has a free mode, a queue, sleeps per process."""
+    r, name = cfg.runtime, cfg.topology.name
+    if name not in FREE_METHODS:
+        raise ConfigError(
+            f"runtime.mode=free runs {', '.join(FREE_METHODS)} so far; topology.name={name} "
+            "runs in dist with runtime.mode=lockstep (or in the simulator)."
+        )
+    if int(r.queue) < 1:
+        raise ConfigError(f"runtime.queue must be at least 1 send in flight, got {r.queue}.")
+    if len(r.sleep_ms) > int(cfg.model.num_components):
+        raise ConfigError(
+            f"runtime.sleep_ms has {len(r.sleep_ms)} entries for "
+            f"{cfg.model.num_components} component processes: give one per process (or fewer)."
+        )
+    if any(float(ms) < 0 for ms in r.sleep_ms):
+        raise ConfigError(f"runtime.sleep_ms are milliseconds per step (>= 0), got {r.sleep_ms}.")
+    if int(cfg.trainer.max_steps) <= 0 and int(cfg.trainer.max_epochs) <= 0:
+        raise ConfigError("runtime.mode=free needs trainer.max_steps or trainer.max_epochs set.")
+
+
 def validate_runtime(cfg: DictConfig) -> None:
     """runtime.name=dist: one CPU process per component in lockstep, at full precision."""
     r, t = cfg.runtime, cfg.trainer
@@ -129,11 +153,8 @@ def validate_runtime(cfg: DictConfig) -> None:
         raise ConfigError(f"runtime.timeout_s must be positive seconds, got {r.timeout_s}.")
     if r.name != "dist":
         return
-    if r.mode != "lockstep":
-        raise ConfigError(
-            "runtime.mode=free is not built yet: runtime.name=dist runs runtime.mode=lockstep "
-            "(each component waits for what the simulator's schedule prescribes)."
-        )
+    if r.mode == "free":
+        validate_free(cfg)
     wrong = {
         "trainer.accelerator": (t.accelerator, ("auto", "cpu")),
         "trainer.devices": (t.devices, ("auto", 1)),

@@ -94,8 +94,12 @@ class RuntimeConfig:
     # per component on this machine, talking over torch.distributed (gloo), plus a coordinator
     name: str = "sim"
     # dist: lockstep (each node waits for exactly what the simulator's schedule prescribes: the
-    # same maths as sim, step for step) | free (not yet built: runtime.name=dist needs lockstep)
+    # same maths as sim, step for step) | free (nobody waits longer than its method requires;
+    # sync, delayed and local so far; staleness is measured, not scheduled)
     mode: str = "lockstep"
+    queue: int = 2  # free: sends in flight per link before a sender waits for its receiver
+    # free: per process, milliseconds slept each step (a straggler on purpose); [] for none
+    sleep_ms: list = field(default_factory=list)
     timeout_s: float = 60.0  # dist: a process silent this long is named, and the run stops
     host: str = "127.0.0.1"  # dist: the address of the coordinator's store
     port: int = 0  # dist: the store's TCP port (0: any free one)

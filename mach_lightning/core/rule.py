@@ -86,6 +86,15 @@ class Rule:
         indices = [node.index for node in self.nodes()]
         return list(zip(indices, indices[1:]))
 
+    # ----- free mode (dist runtime): what a node waits for -----
+    free: ClassVar[bool] = False  # the rule runs in runtime.mode=free
+
+    def free_delays(self) -> list[int]:
+        """The delays a free-mode run steps with, one per component: 0 keeps a link live (the
+        sender waits for its gradient), > 0 decouples it (the gradient is applied when it comes,
+        at the staleness the processes' speeds make). Default: every link live."""
+        return [0] * self.num_components
+
     # ----- evaluation -----
     def eval_head_names(self) -> list[str]:
         return [MAIN_HEAD]

@@ -88,6 +88,17 @@ class StoredForwards:
         """The batches whose update is due at `step`, oldest first."""
         return sorted(b for b, r in self.records.items() if r["due"] == step)
 
+    def hold(self, batch: int) -> None:
+        """Due at no step until `release`d: a runtime whose gradients arrive when they arrive
+        (dist free mode) replays a forward when its gradient is there, not on a schedule."""
+        if batch in self.records:
+            self.records[batch]["due"] = None
+
+    def release(self, batch: int, step: int) -> None:
+        """Make a held forward due at `step` (its gradient arrived)."""
+        if batch in self.records:
+            self.records[batch]["due"] = int(step)
+
     def meta(self, batch: int) -> dict[str, Any]:
         return self.records[batch]["meta"]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ class DistResult:
     rows: list[dict]  # the merged training rows, by step
     state: dict[str, torch.Tensor]  # every process's weights, merged
     seconds: float
+    epochs: list[dict]  # per validation epoch: epoch, step, elapsed_s, merged state (in order)
 
 
 def processes_of(rule) -> int:
@@ -58,17 +60,35 @@ def run_components(cfg, run_dir: Path, rule) -> DistResult:
     collected = [torch.load(component_dir(run_dir, k) / "weights.pt") for k in range(world)]
     state = {key: value for c in collected for key, value in c["state"].items()}
     rows = merge_rows([component_dir(run_dir, k) / "metrics.csv" for k in range(world)])
-    return DistResult(collected[0]["step"], rows, state, time.monotonic() - start)
+    epochs = merge_epochs([component_dir(run_dir, k) for k in range(world)])
+    return DistResult(collected[0]["step"], rows, state, time.monotonic() - start, epochs)
+
+
+def merge_epochs(dirs: list[Path]) -> list[dict]:
+    """Each epoch every process saved its weights at: one model, reached when the last got
+    there."""
+    merged = []
+    names = sorted((p.name for p in dirs[0].glob("epochs/e*.pt")), key=lambda n: int(n[1:-3]))
+    for name in names:
+        parts = [torch.load(d / "epochs" / name) for d in dirs if (d / "epochs" / name).is_file()]
+        if len(parts) < len(dirs):
+            continue
+        state = {key: value for part in parts for key, value in part["state"].items()}
+        elapsed = max(part["elapsed_s"] for part in parts)
+        merged.append({"epoch": parts[0]["epoch"], "step": parts[0]["step"],
+                       "elapsed_s": elapsed, "state": state})  # fmt: skip
+    return merged
 
 
 def _start(run_dir: Path, rank: int, world: int, store: str) -> subprocess.Popen:
     out = component_dir(run_dir, rank)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("error.json", "weights.pt", "metrics.csv"):  # an earlier attempt's
-        (out / stale).unlink(missing_ok=True)
+    for stale in ("error.json", "weights.pt", "metrics.csv", *out.glob("epochs/e*.pt")):
+        (out / stale).unlink(missing_ok=True)  # an earlier attempt's
     log = open(out / "log.txt", "w")  # noqa: SIM115  (the child writes it; closed with it)
     command = [sys.executable, "-m", "mach_lightning.dist.worker", "--run-dir", str(run_dir)]
     command += ["--rank", str(rank), "--world", str(world), "--store", store]
+    command += ["--parent", str(os.getpid())]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 

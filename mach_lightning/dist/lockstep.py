@@ -23,9 +23,10 @@ from collections import defaultdict
 import torch
 
 from mach_lightning.core.memory import detached
-from mach_lightning.core.messages import FORWARD_KINDS, InFlight, Message
+from mach_lightning.core.messages import FORWARD_KINDS, GRADIENT, InFlight, Message
 from mach_lightning.core.node import Inbox, Outbox, Return
 from mach_lightning.dist import wire
+from mach_lightning.sim.diagnostics import StalenessTracker
 
 
 class LockstepProcess:
@@ -45,6 +46,8 @@ class LockstepProcess:
         for k, (s, _) in sorted(enumerate(self.node_links), key=lambda e: position[e[1][1]]):
             self.outbound[s].append(k)  # in the order the receivers step
         self.in_flight = InFlight()
+        # measured from the headers, per component (its process): the age of each gradient applied
+        self.staleness = StalenessTracker(1 + max(self.process.values()))
 
     def local(self, node_index: int) -> bool:
         return self.process[node_index] == self.me
@@ -74,16 +77,21 @@ class LockstepProcess:
                 for m, delay, grads in wire.decode(header["messages"], tensors):
                     s.arrive(k, m, delay, grads)
         delivered = [m for k in self.inbound[i] for m in s.received[k]]
+        due = self.in_flight.take_due(t, i)
+        for m in due:  # measured from the headers: the batch a gradient is of, applied now
+            if m.kind == GRADIENT:
+                self.staleness.record(self.process[i], t - m.batch)
         inbox = Inbox(
             batch=t,
             x=x if self.rule.reads_input(i) else None,
             y=y,
             step=t,
             delays=delays,
-            messages=delivered + self.in_flight.take_due(t, i),
+            messages=delivered + due,
             active=active,
         )
         out = self.rule.node_step(node, inbox)
+        self.stepped(node, t)
         self._route(out, s, t)
         s.returns[i].extend(out.returns)
         for k in self.outbound[i]:
@@ -124,13 +132,19 @@ class LockstepProcess:
         else:
             s.back[self._link(message.receiver, frm, message)].append((_detached(message), due))
 
+    def stepped(self, node, t: int) -> None:
+        """After node_step: nothing to do in lockstep (free mode holds stored forwards)."""
+
+    def await_answer(self, k: int, s, t: int) -> None:
+        """Lockstep: the receiver's answer on link k to this step, always waited for."""
+        header, tensors = self.peer(self.node_links[k][1]).recv_bundle(2 * k + 1)
+        s.answer(k, header, tensors, self.in_flight.send)
+
     def _backward(self, node, out: Outbox, s, t: int) -> None:
         i = node.index
         for k in self.outbound[i]:
-            receiver = self.node_links[k][1]
-            if not self.local(receiver):
-                header, tensors = self.peer(receiver).recv_bundle(2 * k + 1)
-                s.answer(k, header, tensors, self.in_flight)
+            if not self.local(self.node_links[k][1]):
+                self.await_answer(k, s, t)
         roots, grads = [], []
         if out.updates and isinstance(out.loss, torch.Tensor) and out.loss.requires_grad:
             roots.append(out.loss)
@@ -159,11 +173,15 @@ class LockstepProcess:
                 s.answer_local(k, live, self.in_flight)
             else:
                 header, tensors = s.pack_answer(k, live)
-                self.peer(sender).send_bundle(2 * k + 1, header, tensors)
+                self.peer(sender).send_bundle(2 * k + 1, {**header, "step": t}, tensors)
 
-    def flush(self) -> None:
+    def end_step(self) -> None:
+        """Lockstep: every send of the step completes before the next step."""
         for link in self.peers.values():
             link.flush()
+
+    def finish(self, last_step: int) -> None:
+        self.end_step()
 
 
 class _StepState:
@@ -206,18 +224,10 @@ class _StepState:
         header = {"masks": masks, "returned": self.returned[k], "messages": headers}
         return header, tensors + back_tensors
 
-    def answer(self, k: int, header: dict, tensors: list, in_flight: InFlight) -> None:
-        """The receiver's answer on link k: live gradients, answered messages, messages back."""
-        at, live = 0, []
-        for mask in header["masks"]:
-            n = sum(mask)
-            live.append(wire.decode_optional(mask, tensors[at : at + n]))
-            at += n
-        self.live[k] = live
-        for position in header["returned"]:
-            self.sent[k][position][0].returned = True
-        for m, due, _ in wire.decode(header["messages"], tensors[at:]):
-            in_flight.send(m, due)
+    def answer(self, k: int, header: dict, tensors: list, deliver) -> None:
+        """The receiver's answer on link k: live gradients, answered messages, messages back
+        (each handed to `deliver(message, due)`)."""
+        self.live[k] = apply_answer(self.sent[k], header, tensors, deliver)
 
     def answer_local(self, k: int, live: list, in_flight: InFlight) -> None:
         self.live[k] = live
@@ -225,6 +235,30 @@ class _StepState:
             self.sent[k][position][0].returned = True
         for m, due in self.back[k]:
             in_flight.send(m, due)
+
+
+def apply_answer(sent: list, header: dict, tensors: list, deliver) -> list:
+    """An answer to the messages `sent` on one link at one step: marks those whose gradient came
+    back, delivers the messages it carries; returns the live gradients per sent message."""
+    at, live = 0, []
+    for mask in header["masks"]:
+        n = sum(mask)
+        live.append(wire.decode_optional(mask, tensors[at : at + n]))
+        at += n
+    for position in header["returned"]:
+        sent[position][0].returned = True
+    for m, due, _ in wire.decode(header["messages"], tensors[at:]):
+        deliver(m, due)
+    return live
+
+
+def needs_answer(sent: list) -> bool:
+    """Whether the sender's backward needs the answer: a tensor sent live asks for a gradient."""
+    return any(
+        tensor is not None and tensor.requires_grad
+        for message, delay in sent
+        for tensor in _live_tensors(message, delay)
+    )
 
 
 def _live_tensors(message: Message, delay: int) -> list:

@@ -40,7 +40,7 @@ class LinkStats:
 
     messages: int = 0
     bytes: int = 0
-    wait_s: float = 0.0  # time spent blocked in receives
+    wait_s: float = 0.0  # time spent blocked: receives, and sends waiting for room
 
 
 class Link:
@@ -65,23 +65,31 @@ class Link:
     def _send(self, tensor: torch.Tensor, tag: int) -> None:
         self._unfinished.append(self.group.send([tensor], self.peer_rank, tag))
 
-    def _recv(self, tensor: torch.Tensor, tag: int) -> torch.Tensor:
+    def _recv(self, tensor: torch.Tensor, tag: int, timed: bool = True) -> torch.Tensor:
         start = time.perf_counter()
         try:
             self.group.recv([tensor], self.peer_rank, tag).wait(self.timeout)
         except RuntimeError as err:
             raise PeerError(self.peer, f"nothing received within {self.timeout}", err) from None
-        self.stats.wait_s += time.perf_counter() - start
+        if timed:
+            self.stats.wait_s += time.perf_counter() - start
         return tensor
 
     def flush(self) -> None:
         """Wait for this step's sends (each bounded by the timeout)."""
-        sent, self._unfinished = self._unfinished, []
-        for work in sent:
+        self.settle(0)
+
+    def settle(self, limit: int) -> None:
+        """Wait for the oldest sends until at most `limit` are in flight: a bounded queue. (A gloo
+        work only reports completion once waited on, so the oldest are waited on, in order.)"""
+        start = time.perf_counter()
+        while len(self._unfinished) > limit:
+            work = self._unfinished.pop(0)
             try:
                 work.wait(self.timeout)
             except RuntimeError as err:
                 raise PeerError(self.peer, "a send did not complete", err) from None
+        self.stats.wait_s += time.perf_counter() - start  # a full queue: waiting on the peer
 
     # ----- bundles -----
     def send_bundle(self, tag: int, header: dict, tensors: list[torch.Tensor]) -> None:
@@ -129,7 +137,9 @@ class Link:
         buffer = torch.empty(size, dtype=torch.uint8)
         self._posted[tag] = (self.group.recv([buffer], self.peer_rank, tag), buffer)
 
-    def recv_bundle(self, tag: int) -> tuple[dict, list[torch.Tensor]]:
+    def recv_bundle(self, tag: int, timed: bool = True) -> tuple[dict, list[torch.Tensor]]:
+        """The next bundle under `tag`; `timed`: its wait counts as this process waiting (not
+        so for a helper thread's, which the process's loop does not wait on)."""
         if tag not in self._posted:
             self._post(tag, HEADER_SLOT)
         work, buffer = self._posted.pop(tag)
@@ -138,10 +148,11 @@ class Link:
             work.wait(self.timeout)
         except RuntimeError as err:
             raise PeerError(self.peer, f"nothing received within {self.timeout}", err) from None
-        self.stats.wait_s += time.perf_counter() - start
+        if timed:
+            self.stats.wait_s += time.perf_counter() - start
         _, _, total = PREFIX.unpack(memoryview(buffer.numpy())[: PREFIX.size])
         if total != buffer.numel():  # an announcement: the bundle follows
-            buffer = self._recv(torch.empty(total, dtype=torch.uint8), tag)
+            buffer = self._recv(torch.empty(total, dtype=torch.uint8), tag, timed)
         view = memoryview(buffer.numpy())
         size, slot, _ = PREFIX.unpack(view[: PREFIX.size])
         header = pickle.loads(view[PREFIX.size : PREFIX.size + size])

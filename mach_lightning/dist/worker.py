@@ -12,8 +12,10 @@ printed) and, if it fails, error.json (what went wrong, and which peer if a peer
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -27,6 +29,7 @@ from omegaconf import OmegaConf
 
 from mach_lightning.atomic import atomic_write_text
 from mach_lightning.data import create_datamodule
+from mach_lightning.dist.free import FreeProcess
 from mach_lightning.dist.lockstep import LockstepProcess
 from mach_lightning.dist.transport import Link, PeerError
 from mach_lightning.runs import RunCSVLogger
@@ -57,7 +60,20 @@ def build(cfg, rank: int, store):
     }
     links = {p: Link(store, rank, p, timeout) for p in sorted(peers)}  # sorted: no deadlock
     optimizers, schedulers = module.configure_optimizers()
-    return module, datamodule, LockstepProcess(rule, rank, links), optimizers, schedulers
+    if cfg.runtime.mode == "free":
+        steps = total_steps(cfg, len(datamodule.train_dataloader()))
+        process = FreeProcess(rule, rank, links, int(cfg.runtime.queue), steps - 1)
+    else:
+        process = LockstepProcess(rule, rank, links)
+    return module, datamodule, process, optimizers, schedulers
+
+
+def total_steps(cfg, loader_batches: int) -> int:
+    """The batch steps a run trains: every process counts the same."""
+    per_epoch = batches_per_epoch(loader_batches, cfg.trainer.limit_train_batches)
+    max_steps, max_epochs = int(cfg.trainer.max_steps), int(cfg.trainer.max_epochs)
+    by_epochs = per_epoch * max_epochs if max_epochs > 0 else max_steps
+    return min(by_epochs, max_steps) if max_steps > 0 else by_epochs
 
 
 def own_state(module, process: LockstepProcess) -> dict[str, torch.Tensor]:
@@ -80,13 +96,17 @@ def train(cfg, rank: int, store, out_dir: Path) -> int:
     log_every = max(1, min(int(cfg.trainer.log_every_n_steps), per_epoch))
     max_steps, max_epochs = int(cfg.trainer.max_steps), int(cfg.trainer.max_epochs)
     logger, meter, clock = RunCSVLogger(out_dir), TrainMeter(), StepClock(process)
-    t, done = 0, False
-    for _epoch in range(max_epochs if max_epochs > 0 else 2**62):
+    schedule = FreeSchedule(module.rule) if cfg.runtime.mode == "free" else module.schedule
+    sleep_s = dict(enumerate(float(ms) / 1000 for ms in cfg.runtime.sleep_ms)).get(rank, 0.0)
+    t, done, started = 0, False, time.monotonic()
+    for epoch in range(max_epochs if max_epochs > 0 else 2**62):
         for b, (x, y) in enumerate(loader):
             if b >= per_epoch:
                 break
             clock.start()
-            outs = train_step(module, process, optimizers, x, y, t)
+            if sleep_s:  # a straggler on purpose (runtime.sleep_ms)
+                time.sleep(sleep_s)
+            outs = train_step(schedule, process, optimizers, x, y, t)
             meter_update(meter, outs, y, clock.stop())
             t += 1
             if t % log_every == 0:
@@ -98,22 +118,47 @@ def train(cfg, rank: int, store, out_dir: Path) -> int:
                 break
         for scheduler in schedulers:  # once an epoch, as the simulator's
             scheduler.step()
+        if (epoch + 1) % int(cfg.trainer.check_val_every_n_epoch) == 0:
+            save_epoch(out_dir, epoch, t, time.monotonic() - started, own_state(module, process))
         if done:
             break
+    process.finish(t - 1)
+    logger.log_metrics(process.staleness.histogram_metrics(), step=t)
     logger.save()
     torch.save({"step": t, "state": own_state(module, process)}, out_dir / "weights.pt")
     return t
 
 
-def train_step(module, process: LockstepProcess, optimizers, x, y, t: int) -> dict:
+def save_epoch(out_dir: Path, epoch: int, step: int, elapsed_s: float, state: dict) -> None:
+    """This process's weights at an epoch's end: the coordinator validates the merged model of
+    every such epoch after the run (val/* per epoch, against the wall time it was reached at)."""
+    (out_dir / "epochs").mkdir(exist_ok=True)
+    record = {"epoch": epoch, "step": step, "elapsed_s": elapsed_s, "state": state}
+    torch.save(record, out_dir / "epochs" / f"e{epoch}.pt")
+
+
+def train_step(schedule, process: LockstepProcess, optimizers, x, y, t: int) -> dict:
     """Batch step t of this process's nodes; each that applied something steps its optimizers."""
     for node in process.mine:
         for j in node.optimizers:
             optimizers[j].zero_grad(set_to_none=True)
-    outs = process.step(x, y, t, module.schedule.delays(t), module.schedule.active(t))
+    outs = process.step(x, y, t, schedule.delays(t), schedule.active(t))
     step_optimizers(process.mine, outs, optimizers)
-    process.flush()
+    process.end_step()
     return outs
+
+
+class FreeSchedule:
+    """Free mode's delays: the rule's own (which links wait), every component active."""
+
+    def __init__(self, rule):
+        self.fixed, self.all = rule.free_delays(), [True] * rule.num_components
+
+    def delays(self, step: int) -> list[int]:
+        return self.fixed
+
+    def active(self, step: int) -> list[bool]:
+        return self.all
 
 
 def step_optimizers(nodes, outs: dict, optimizers) -> None:
@@ -176,6 +221,7 @@ class StepClock:
 
 def step_metrics(process, meter, clock, rank: int) -> dict[str, float]:
     metrics = clock.window(rank)
+    metrics.update(process.staleness.window_metrics())
     if meter.steps:
         metrics.update(meter.summary())
     for node in process.mine:
@@ -189,6 +235,7 @@ def parse_args(argv):
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--store", required=True, help="HOST:PORT of the coordinator's store")
+    parser.add_argument("--parent", type=int, default=0, help="the coordinator's pid")
     return parser.parse_args(argv)
 
 
@@ -196,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import mach_lightning.methods  # noqa: F401  (the registry of rules)
 
+    if args.parent:
+        end_with_parent(args.parent)
     out_dir = component_dir(args.run_dir, args.rank)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = OmegaConf.load(args.run_dir / "config.yaml")
@@ -215,6 +264,17 @@ def main(argv: list[str] | None = None) -> int:
         raise
     print(f"component process {args.rank}: {steps} steps", flush=True)
     return 0
+
+
+def end_with_parent(parent: int) -> None:
+    """Die with the coordinator, even one killed by SIGKILL (which can stop nobody): Linux
+    sends this process SIGTERM when its parent exits. Elsewhere the coordinator's own clean-up
+    (dist/coordinator.py: _stop) is all there is."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1  # noqa: N806  (<linux/prctl.h>)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the line above took effect
+        sys.exit(f"component process: the coordinator (pid {parent}) is gone")
 
 
 def write_error(out_dir: Path, message: str, **fields) -> None:

@@ -63,6 +63,7 @@ class Delayed(ChainRule):
     """Delayed-gradient backprop with per-component staleness; grad_mode stash or recompute."""
 
     name = "delayed"
+    free = True  # free mode: applies whatever gradient has arrived
 
     def __init__(self, cfg, input_shape: tuple, num_classes: int):
         self.grad_mode = cfg.delayed.grad_mode
@@ -71,6 +72,10 @@ class Delayed(ChainRule):
         t = cfg.delayed
         self.compensated = t.dcasgd_lambda > 0 or t.dcasgd_lr_scaling
         self._causal: tuple[tuple, list[int]] = ((), [])
+
+    def free_delays(self) -> list[int]:
+        """Free mode: every link decoupled (a pipeline's delays); the real ones are measured."""
+        return [self.num_components - 1 - i for i in range(self.num_components)]
 
     def causal(self, delays: list[int]) -> list[int]:
         """causal_delays, once per step (every node of the step asks for the same)."""

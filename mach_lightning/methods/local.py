@@ -77,6 +77,7 @@ class Local(ChainRule):
     """DGL: per-component auxiliary losses; optional asynchronous replay buffers."""
 
     name = "local"
+    free = True  # free mode: never waits on a gradient (none crosses a link)
     messages_per_link = 1  # simulated time: only activations cross a link
 
     def __init__(self, cfg, input_shape: tuple, num_classes: int):

@@ -18,6 +18,7 @@ class Sync(ChainRule):
     """End-to-end backprop through all K components."""
 
     name = "sync"
+    free = True  # free mode: waits for everything (cross-process backprop)
     diagnostics = False
     parallel = False  # simulated time: one backprop chain
 

@@ -41,9 +41,14 @@ class Evaluation:
         for metric in metrics.values():
             metric.reset()
         self.log_dict(
-            {**values, "step": float(self.batch_step), "epoch": float(self.current_epoch)}
+            {**values, "step": float(self.batch_step), "epoch": float(self.logged_epoch())}
         )
         self.log(f"{label}_acc", values[f"{label}/acc"], prog_bar=True, logger=False)
+
+    eval_epoch: int | None = None  # set by a runtime that validates epochs after the fact
+
+    def logged_epoch(self) -> int:
+        return self.current_epoch if self.eval_epoch is None else self.eval_epoch
 
     def validation_step(self, batch, batch_idx) -> None:
         self._eval_step("val", batch)

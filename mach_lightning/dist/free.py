@@ -1,0 +1,134 @@
+"""One process's step in free mode: nobody waits longer than its method requires.
+
+Lockstep (dist/lockstep.py) waits, at every step, for exactly what the simulator's schedule
+prescribes. Free mode keeps the same step (forward, backward, optimizer steps) and changes only
+what is waited for:
+
+  forward    a node still waits for its input bundle (it cannot compute without it);
+  answers    the receiver's answer on a link (live gradients, gradients of delayed links, other
+             messages back) is read by a helper thread into a queue. The sender waits for it only
+             when it sent a tensor live (a delay-0 link, as in sync backprop); otherwise it takes
+             whatever has arrived at the start of its next steps, and a gradient is applied the
+             step after it arrives, at whatever staleness the processes' speeds make;
+  sends      go out without waiting, up to `runtime.queue` in flight per link: a sender at most
+             that far ahead of a slow receiver waits for it (a bounded queue, so memory is too).
+
+A stored forward (core/stored.py) is held until its gradient arrives and replayed then: the stash
+is matched by the message header's batch id. The rule says which links wait: its `free_delays()`
+(0: live, the sender waits; > 0: decoupled). The staleness each component applied is measured
+from the headers (diag/staleness_c{i}, as the simulator names it).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+
+from mach_lightning.dist.lockstep import LockstepProcess, apply_answer, needs_answer
+from mach_lightning.dist.transport import Link, PeerError
+
+
+class AnswerReader:
+    """A helper thread reading the answers on one link into a queue, up to the run's last step."""
+
+    def __init__(self, link: Link, tag: int, last_step: int):
+        self.link, self.tag, self.last_step = link, tag, last_step
+        self.arrived: queue.Queue = queue.Queue()  # bounded by the sender's queue of forwards
+        self.thread = threading.Thread(target=self._read, daemon=True, name=f"answers-{tag}")
+        self.thread.start()
+
+    def _read(self) -> None:
+        step = -1
+        while step < self.last_step:
+            try:
+                header, tensors = self.link.recv_bundle(self.tag, timed=False)
+            except Exception as err:  # noqa: BLE001  (handed to the process's loop, raised there)
+                self.arrived.put(err)
+                return
+            step = int(header["step"])
+            self.arrived.put((header, tensors))  # views of a buffer of its own
+
+    def next(self, block: bool):
+        """The next answer (None if none has arrived and `block` is false)."""
+        try:
+            item = self.arrived.get(block=block, timeout=self.link.timeout.total_seconds())
+        except queue.Empty:
+            if block:
+                raise PeerError(self.link.peer, f"no answer within {self.link.timeout}") from None
+            return None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+
+class FreeProcess(LockstepProcess):
+    """The nodes of process `me`, in free mode (see the module doc)."""
+
+    def __init__(self, rule, me: int, links: dict, queue_depth: int, last_step: int):
+        super().__init__(rule, me, links)
+        self.queue_depth, self.last_step = queue_depth, last_step
+        self.by_index = {node.index: node for node in self.mine}
+        self.unanswered: dict[int, dict[int, list]] = defaultdict(dict)  # k -> {step: sent}
+        self.readers = {
+            k: AnswerReader(self.peer(r), 2 * k + 1, last_step)
+            for k, (s, r) in enumerate(self.node_links)
+            if self.local(s) and not self.local(r)
+        }
+        self.arrival_step = 0  # the step a message read now is delivered at
+
+    def step(self, x, y, t: int, delays: list[int], active):
+        self.arrival_step = t
+        for k in self.readers:  # whatever has arrived since the last step
+            self._drain(k, until=None)
+        return super().step(x, y, t, delays, active)
+
+    def stepped(self, node, t: int) -> None:
+        """A stored forward whose gradient comes from another process is replayed when that
+        gradient arrives, not on the schedule (one from this process keeps the schedule's step)."""
+        remote = any(not self.local(self.node_links[k][1]) for k in self.outbound[node.index])
+        if node.stored is not None and remote:
+            node.stored.hold(t)
+
+    def await_answer(self, k: int, s, t: int) -> None:
+        self.unanswered[k][t] = s.sent[k]
+        if needs_answer(s.sent[k]):  # a live tensor: its gradient is needed in this backward
+            self.arrival_step = t + 1
+            s.live[k] = self._drain(k, until=t)
+
+    def _drain(self, k: int, until: int | None):
+        """Apply the answers on link k that have arrived (all up to step `until`, waiting for
+        them, if given); returns the live gradients of step `until`'s answer."""
+        reader = self.readers[k]
+        while True:
+            start = time.perf_counter()
+            item = reader.next(block=until is not None)
+            reader.link.stats.wait_s += time.perf_counter() - start
+            if item is None:
+                return None
+            header, tensors = item
+            step = int(header["step"])
+            live = apply_answer(self.unanswered[k].pop(step), header, tensors, self.deliver)
+            if step == until:
+                return live
+
+    def deliver(self, message, due: int) -> None:
+        """A message that came back: to its receiver at once, whatever the schedule said."""
+        node = self.by_index.get(message.receiver)
+        if node is not None and node.stored is not None:
+            node.stored.release(message.batch, self.arrival_step)
+        self.in_flight.send(message, self.arrival_step)
+
+    def end_step(self) -> None:
+        for link in self.peers.values():
+            link.settle(self.queue_depth)
+
+    def finish(self, last_step: int) -> None:
+        """Read every answer still coming (the receivers' last sends complete), then the sends."""
+        self.arrival_step = last_step + 1  # too late to apply: the run is over
+        for k, reader in self.readers.items():
+            if self.unanswered[k]:
+                self._drain(k, until=max(self.unanswered[k]))
+            reader.thread.join(timeout=reader.link.timeout.total_seconds())
+        super().finish(last_step)
