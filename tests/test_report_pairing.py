@@ -255,3 +255,29 @@ def test_readme_report_example_prints_a_real_difference(tmp_path, monkeypatch):
     cells = md_row(md, topology)
     assert re.fullmatch(r"[+-]\d+\.\d\d \(1 seed, no CI\)", cells[DELTA]), cells
     assert "## Problems\n\nNone" in md
+
+
+def test_real_and_simulated_runs_of_one_config_sit_side_by_side(tmp_path):
+    """runtime.* splits rows and never refuses a baseline; a sync run of the same runtime is
+    preferred, else the other one is named in the row."""
+    root = tmp_path / "runs"
+    dist = ("runtime.name=dist", "runtime.mode=free", "topology.name=delayed")
+    for seed in (0, 1, 2):
+        make_run(root, "sync", seed, 0.90)
+        make_run(root, "delayed", seed, 0.88, "topology.name=delayed")
+        make_run(root, "delayed_dist", seed, 0.87, *dist, "runtime.timeout_s=5")
+    rows, comp = rows_of(root)
+    assert comp.problems == []
+    sim, real = rows["delayed, runtime.name=sim"], rows["delayed, runtime.name=dist, mode=free"]
+    assert sim.deltas["delta_final_test"].mean == pytest.approx(-0.02) and sim.tuned == []
+    assert real.deltas["delta_final_test"].mean == pytest.approx(-0.03)
+    assert real.tuned == ["runtime dist (sync sim), mode free (sync lockstep)"]
+    labels = [row.label for table in comp.tables for row in table.rows]
+    assert abs(labels.index(real.label) - labels.index(sim.label)) == 1  # next to each other
+
+    for seed in (0, 1, 2):  # the cross-process sync baseline: preferred by the real runs
+        make_run(root, "sync_dist", seed, 0.80, "runtime.name=dist", "runtime.mode=free")
+    rows = rows_of(root)[0]
+    real = rows["delayed, runtime.name=dist, mode=free"]
+    assert real.tuned == [] and real.deltas["delta_final_test"].mean == pytest.approx(0.07)
+    assert rows["delayed, runtime.name=sim"].deltas["delta_final_test"].mean == pytest.approx(-0.02)

@@ -37,6 +37,8 @@ __all__ = ["Comparison", "Problem", "Row", "Table", "compare"]
 def _short(key: str) -> str:
     # delayed.* and local.* read as their method's settings (the labels of before they moved)
     short = ("staleness.", "topology.", "delayed.", "local.")
+    if key.startswith("runtime.") and key != "runtime.name":  # mode=free beside runtime.name=dist
+        return key.split(".", 1)[1]
     return key.split(".", 1)[1] if key.startswith(short) else key
 
 
@@ -45,11 +47,24 @@ def _value(run: Run, key: str) -> str:
     return repr(run.config.get(key)) if applies(key, run.config) else "(not read)"
 
 
+FIRST = ("staleness.schedule", "runtime.name", "runtime.mode")  # they decide what the rest mean
+RUNTIME_NAMED = ("runtime.name", "runtime.mode")
+
+
 def _varying(runs: list[Run]) -> list[str]:
-    """Settings that differ among these runs; the schedule first (it decides what the rest mean)."""
+    """Settings that differ among these runs, those that decide what the rest mean first. A
+    runtime detail (runtime.queue) counts only where it differs among the runs that read it: the
+    runtime's name and mode already tell a real run from a simulated one."""
     names = {k for r in runs for k in r.config if applies(k, r.config)} - {"topology.name"}
-    keys = sorted(names, key=lambda k: (k != "staleness.schedule", k))
-    return [k for k in keys if len({_value(r, k) for r in runs}) > 1]
+    keys = sorted(names, key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
+    out = []
+    for k in keys:
+        readers = runs
+        if k.startswith("runtime.") and k not in RUNTIME_NAMED:
+            readers = [r for r in runs if applies(k, r.config)]
+        if len({_value(r, k) for r in readers}) > 1:
+            out.append(k)
+    return out
 
 
 def _title(signature: dict[str, Any], others: list[dict[str, Any]]) -> str:

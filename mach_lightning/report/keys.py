@@ -8,6 +8,10 @@ Every key of a run's resolved config (flattened: `optim.lr`) is one of:
   `local.*`, `synth.*`, `mach.*`): sync reads none of them; they are what a row compares (named
   in its label where they vary), never a reason to refuse a baseline.
 - a tuning key (TUNING): may differ from the baseline's; the row shows it ("lr 5e-4 (sync 1e-3)").
+- a runtime key (RUNTIME: `runtime.name`, `runtime.mode`, ...): who ran the same maths, the
+  simulator or one process per component. It splits rows, so a real run and a simulated run of
+  the same config sit side by side, and never refuses a baseline: a sync run of the same runtime
+  is preferred, another is shown ("runtime dist (sync sim)").
 - anything else (the training budget `trainer.max_epochs`, `trainer.max_steps`,
   `trainer.limit_train_batches`, precision, validation cadence, and any key added later): must
   equal the baseline's, or the run gets no difference; the row says which key differs.
@@ -38,6 +42,9 @@ IGNORE = (
     "trainer.lean_steps",  # the same maths either way (tested bit for bit)
     "trainer.divergence_factor",  # only when to give up; a diverged run is never compared
     "trainer.test_after_fit",  # without a test there is no test difference to show anyway
+    "runtime.timeout_s",  # when to give up on a silent process
+    "runtime.host",
+    "runtime.port",
     "data.root",
     "data.download",
     "data.verify",
@@ -63,7 +70,8 @@ TUNING = (
     "optim.step_size",
     "optim.gamma",
 )
-SHORT = {"optim.name": "optimizer"}
+SHORT = {"optim.name": "optimizer", "runtime.name": "runtime"}
+RUNTIME = ("runtime.",)
 
 # Of the OWN keys, those each topology reads (from its source); a topology not listed reads them
 # all, so a new one keeps every setting in its labels rather than pooling different ones.
@@ -106,6 +114,9 @@ UNREAD_WHEN.update(
         "optim.step_size": ("optim.scheduler", ("none", "cosine")),
         "optim.gamma": ("optim.scheduler", ("none", "cosine")),
         "local.aux_hidden": ("local.aux_head", ("linear",)),
+        "runtime.mode": ("runtime.name", ("sim",)),  # the simulator has one mode
+        "runtime.queue": ("runtime.mode", ("lockstep",)),  # free mode's only
+        "runtime.sleep_ms": ("runtime.mode", ("lockstep",)),
     }
 )
 
@@ -137,7 +148,11 @@ def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def budget_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys that must agree for a difference to mean anything, and do not."""
-    return [k for k in _differing(a, b) if not k.startswith(OWN) and k not in TUNING]
+    return [
+        k
+        for k in _differing(a, b)
+        if not k.startswith(OWN) and not k.startswith(RUNTIME) and k not in TUNING
+    ]
 
 
 def table_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
@@ -150,6 +165,11 @@ def tuning_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def tuning_agreement(a: dict[str, Any], b: dict[str, Any]) -> int:
     return sum(repr(a.get(k)) == repr(b.get(k)) for k in TUNING if k in a or k in b)
+
+
+def runtime_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    keys = [k for k in _differing(a, b) if k.startswith(RUNTIME)]
+    return sorted(keys, key=lambda k: (k != "runtime.name", k))  # the runtime, then its mode
 
 
 def short_value(value: Any) -> str:

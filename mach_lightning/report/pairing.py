@@ -1,8 +1,9 @@
 """Each run's baseline, the row's target accuracy, per-seed numbers, means and paired differences.
 
 The baseline of a run is a usable sync run of its table (same data and model) and seed that
-agrees on every setting but the topology's own and the tuning keys (`keys.py`: the training
-budget above all); among several, the one agreeing on most tuning keys, then the newest. A run
+agrees on every setting but the topology's own, the runtime and the tuning keys (`keys.py`: the
+training budget above all); among several, one of the same runtime, then the one agreeing on
+most tuning keys, then the newest. A run
 without one keeps its own numbers but gets no difference; its row says why.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from mach_lightning.report.keys import (
     budget_differences,
     describe,
+    runtime_differences,
     table_differences,
     tuned_text,
     tuning_agreement,
@@ -64,12 +66,20 @@ def _pair_run(row: Row, run: Run, baselines: list[Run]) -> tuple | None:
         differs = budget_differences(run.config, closest.config)
         why = f"baseline differs in {describe(differs, run.config, closest.config)}"
         return Problem("baseline differs", run.source, row.label, f"{why}; not compared"), why
-    best = max(fit, key=lambda b: (tuning_agreement(run.config, b.config), b.mtime))
+    best = max(fit, key=lambda b: (_agreement(run.config, b.config), b.mtime))
     row.baseline[run.seed] = best
-    tuned = tuned_text(tuning_differences(run.config, best.config), run.config, best.config)
+    shown = runtime_differences(run.config, best.config)
+    shown += tuning_differences(run.config, best.config)
+    tuned = tuned_text(shown, run.config, best.config)
     if tuned and tuned not in row.tuned:
         row.tuned.append(tuned)
     return None
+
+
+def _agreement(run: dict, base: dict) -> tuple[bool, int]:
+    """The same runtime first (the sim sync run for a simulated one, the real one for a real
+    one), then the most tuning keys alike."""
+    return not runtime_differences(run, base), tuning_agreement(run, base)
 
 
 def pair_row(
