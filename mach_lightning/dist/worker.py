@@ -1,11 +1,13 @@
 """A component process of a `runtime.name=dist` run: its own nodes, loop, optimizers and metrics.
 
 Started by the coordinator (dist/coordinator.py) as
-    python -m mach_lightning.dist.worker --run-dir DIR --rank R --world N --store HOST:PORT
+    python -m mach_lightning.dist.worker --run-dir DIR --rank R --world N --store HOST:PORT \
+        --parent PID
 It builds the whole model exactly as the simulator does (same seed, same initial weights, same
 data order), keeps the nodes `rule.process_of` gives it, links to the processes its nodes talk to
-and trains in lockstep (dist/lockstep.py). It writes under DIR/components/c<R>/: metrics.csv (its
-own metrics, every log point), weights.pt (its components' weights, at the end), log.txt (what it
+and trains in lockstep (dist/lockstep.py) or free mode (dist/free.py). It writes under
+DIR/components/c<R>/: metrics.csv (its own metrics, every log point), weights.pt (its components'
+weights, at the end), epochs/e<n>.pt (the same at each validation epoch's end), log.txt (what it
 printed) and, if it fails, error.json (what went wrong, and which peer if a peer did).
 """
 
