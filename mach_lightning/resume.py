@@ -38,6 +38,10 @@ IGNORED = (
     "data.root",
     "data.download",
     "data.verify",
+    "runtime.sleep_ms",  # dist: how fast a process runs, not what it computes
+    "runtime.timeout_s",
+    "runtime.host",
+    "runtime.port",
 )
 APPLIED = (
     "trainer.max_epochs",

@@ -44,11 +44,20 @@ def run_parent(cfg: DictConfig) -> Path:
     return Path(cfg.run.root) / cfg.name
 
 
-def _latest_resumable(parent: Path) -> Path | None:
-    candidates = [p for p in parent.glob("*") if (p / "checkpoints" / "last.ckpt").is_file()]
+def _resume_marker(run_dir: Path) -> Path | None:
+    """What makes a run resumable: its last.ckpt, or (a dist run) a component's checkpoint."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
     return max(
-        candidates, key=lambda p: (p / "checkpoints" / "last.ckpt").stat().st_mtime, default=None
+        run_dir.glob("components/c*/ckpt/s*.pt"), key=lambda p: p.stat().st_mtime, default=None
     )
+
+
+def _latest_resumable(parent: Path) -> Path | None:
+    marked = [(p, _resume_marker(p)) for p in parent.glob("*")]
+    found = [(p, m) for p, m in marked if m is not None]
+    return max(found, key=lambda pm: pm[1].stat().st_mtime, default=(None, None))[0]
 
 
 def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
@@ -64,10 +73,11 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
         return run_dir, str(ckpt)
     if cfg.run.id:
         run_dir = run_parent(cfg) / cfg.run.id
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file() and not cfg.resume:
+        last, marker = run_dir / "checkpoints" / "last.ckpt", _resume_marker(run_dir)
+        if marker is not None and not cfg.resume:
+            held = marker.relative_to(run_dir)
             raise ConfigError(
-                f"Run directory {run_dir} already holds a run (checkpoints/last.ckpt). Continue it "
+                f"Run directory {run_dir} already holds a run ({held}). Continue it "
                 f"with resume=true, or start a new one under another run.id. Nothing was written."
             )
         # A fixed id with resume=true and no checkpoint yet is a first start (e.g. a new Slurm job).
@@ -76,10 +86,12 @@ def resolve_run(cfg: DictConfig) -> tuple[Path, str | None]:
         found = _latest_resumable(run_parent(cfg))
         if found is None:
             raise ConfigError(
-                f"resume=true, but no run under {run_parent(cfg)} has checkpoints/last.ckpt. "
-                f"Start without resume=true, or point ckpt_path= at a checkpoint."
+                f"resume=true, but no run under {run_parent(cfg)} has checkpoints/last.ckpt "
+                "(or, run with runtime.name=dist, components/c*/ckpt/). Start without "
+                "resume=true, or point ckpt_path= at a checkpoint."
             )
-        return found, str(found / "checkpoints" / "last.ckpt")
+        last = found / "checkpoints" / "last.ckpt"
+        return found, str(last) if last.is_file() else None  # None: a dist run's own
     return run_parent(cfg) / _new_id(cfg), None
 
 

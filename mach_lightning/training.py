@@ -13,7 +13,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 # Importing the methods registers them and their config sections, which load_config composes.
 import mach_lightning.methods  # noqa: F401
@@ -23,7 +23,7 @@ from mach_lightning.callbacks import LastCheckpoint, ProgressBar
 from mach_lightning.checkpoint_io import lightning_loading
 from mach_lightning.config import ConfigError
 from mach_lightning.data import create_datamodule
-from mach_lightning.resume import check_weights_fit, plan_resume
+from mach_lightning.resume import check_weights_fit, config_changes, plan_resume, read_result
 from mach_lightning.run_lock import RunLock
 from mach_lightning.runs import DIVERGED, FINISHED, FINISHED_ALREADY
 from mach_lightning.sim import create_topology
@@ -142,10 +142,17 @@ def run_fit(cfg: DictConfig, trust_checkpoint: bool = False) -> dict:
         return {"run_dir": str(run_dir), "status": FINISHED_ALREADY, "metrics": plan.finished}
     if cfg.runtime.name == "dist" and plan.ckpt_path:
         raise ConfigError(
-            f"runtime.name=dist cannot resume yet (checkpoint {plan.ckpt_path}): continue this "
-            "run with runtime.name=sim, or start a new one (a new run.id)."
+            f"{plan.ckpt_path} is a simulated run's checkpoint: continue it with runtime.name=sim, "
+            "or start a runtime.name=dist run under a new run.id."
         )
     model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
+    dist_resume = _dist_resume_step(cfg, run_dir, model.rule)
+    if dist_resume is not None and read_result(run_dir) is not None:
+        return {
+            "run_dir": str(run_dir),
+            "status": FINISHED_ALREADY,
+            "metrics": read_result(run_dir),
+        }
     check_weights_fit(model, plan)
     trainer = build_trainer(cfg, run_dir)
     lock = RunLock(run_dir).acquire() if trainer.is_global_zero else None
@@ -153,7 +160,7 @@ def run_fit(cfg: DictConfig, trust_checkpoint: bool = False) -> dict:
         if trainer.is_global_zero:
             runs.prepare_run_dir(cfg, run_dir, plan)
         if cfg.runtime.name == "dist":
-            return _dist_train_and_test(cfg, trainer, model, datamodule, run_dir)
+            return _dist_train_and_test(cfg, trainer, model, datamodule, run_dir, dist_resume)
         return _train_and_test(cfg, trainer, model, datamodule, run_dir, plan, trust_checkpoint)
     finally:
         if lock is not None:
@@ -185,12 +192,28 @@ def _train_and_test(cfg, trainer, model, datamodule, run_dir, plan, trust: bool)
     return {"run_dir": str(run_dir), "status": status, "metrics": metrics, "reason": model.diverged}
 
 
-def _dist_train_and_test(cfg, trainer, model, datamodule, run_dir) -> dict:
+def _dist_resume_step(cfg, run_dir: Path, rule) -> int | None:
+    """resume=true of a dist run: the step its component processes all saved (checked against
+    the run's config.yaml first, as a checkpoint's config is); None: a fresh start."""
+    if cfg.runtime.name != "dist" or not cfg.resume or not (run_dir / "config.yaml").is_file():
+        return None
+    from mach_lightning.dist.coordinator import resume_step
+
+    step = resume_step(run_dir, rule)
+    if step is not None:
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+        config_changes(cfg, saved, f"Run {run_dir}")
+    return step
+
+
+def _dist_train_and_test(cfg, trainer, model, datamodule, run_dir, resume=None) -> dict:
     """One process per component trains (dist/); this process then logs their merged rows and
     evaluates the merged weights exactly as a simulated run's are evaluated."""
     from mach_lightning.dist.coordinator import run_components
 
-    done = run_components(cfg, run_dir, model.rule)
+    if resume is not None:
+        runs.log_run_event(run_dir, "resume", step=resume, runtime="dist")
+    done = run_components(cfg, run_dir, model.rule, resume)
     for row in done.rows:
         for logger in trainer.loggers:
             logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])

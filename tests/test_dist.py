@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from mach_lightning.config import ConfigError, load_config
 from mach_lightning.fit import EXIT_DIST
@@ -258,3 +259,66 @@ def test_free_delayed_staleness_is_measured_and_grows_behind_a_slow_receiver(tmp
         assert result["time/wait_frac_c0"] > 0.3  # the sender waits for room in its queue
         assert result["status"] == "finished" and result["val/acc"] > 0.2
     assert means[3] - means[1] == pytest.approx(2.0, abs=0.75)
+
+
+# ----- checkpoints per component process, and resume -----
+
+
+def resume_args(tmp_path: Path, run_id: str, *extra: str) -> list[str]:
+    return tiny_overrides(
+        tmp_path,
+        "runtime.name=dist",
+        "topology.name=delayed",
+        "model.num_components=3",
+        "seed=0",
+        "trainer.max_epochs=4",
+        "trainer.log_every_n_steps=2",
+        "trainer.deterministic=true",
+        "trainer.test_after_fit=false",
+        "run.checkpoint_every_n_steps=4",
+        f"run.id={run_id}",
+        *extra,
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_lockstep_run_resumes_from_its_component_checkpoints_exactly(tmp_path):
+    whole = run_fit(load_config(None, resume_args(tmp_path, "whole")))
+    command = [sys.executable, "-m", "mach_lightning.fit"]
+    cut = subprocess.Popen(
+        [*command, *resume_args(tmp_path, "cut", "runtime.sleep_ms=[40]")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    run_dir = tmp_path / "runs" / "default" / "cut"
+    saved = [run_dir / "components" / f"c{r}" / "ckpt" / "s8.pt" for r in range(3)]
+    deadline = time.monotonic() + 120
+    while not all(p.is_file() for p in saved):
+        assert cut.poll() is None and time.monotonic() < deadline, cut.communicate()
+        time.sleep(0.05)
+    pids = component_pids(run_dir)
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = cut.communicate(timeout=60)
+    assert cut.returncode == EXIT_DIST and "component process 1" in err, err
+    assert not (run_dir / "result.json").exists()
+    with pytest.raises(ConfigError, match="already holds a run"):  # not without resume=true
+        run_fit(load_config(None, resume_args(tmp_path, "cut")))
+    resumed = run_fit(load_config(None, resume_args(tmp_path, "cut", "resume=true")))
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["resume"] and 8 <= events[0]["step"] < 44
+    for key in ("train/loss", "val/acc", "diag/staleness_c0"):
+        expected = column(read_metrics(whole["run_dir"]), key)
+        assert column(read_metrics(resumed["run_dir"]), key) == expected, key
+    assert resumed["metrics"]["val/acc"] == whole["metrics"]["val/acc"]
+
+
+def test_a_dist_run_refuses_to_resume_with_other_settings(tmp_path):
+    run_dir = tmp_path / "runs" / "default" / "changed"
+    for rank in range(3):  # what a killed run leaves: its config and a checkpoint per process
+        (run_dir / "components" / f"c{rank}" / "ckpt").mkdir(parents=True)
+        (run_dir / "components" / f"c{rank}" / "ckpt" / "s4.pt").write_bytes(b"")
+    first = load_config(None, resume_args(tmp_path, "changed"))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(first))
+    changed = load_config(None, resume_args(tmp_path, "changed", "resume=true", "optim.lr=0.5"))
+    with pytest.raises(ConfigError, match="optim.lr"):
+        run_fit(changed)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["components", "config.yaml"]

@@ -126,7 +126,7 @@ FREE_METHODS = ("sync", "delayed", "local")  # the rules with `free = True` (a t
 
 
 def validate_free(cfg: DictConfig) -> None:
-    """runtime.mode=free: a method that has a free mode, a queue, sleeps per process."""
+    """runtime.mode=free: a method that has a free mode, a queue, a budget."""
     r, name = cfg.runtime, cfg.topology.name
     if name not in FREE_METHODS:
         raise ConfigError(
@@ -135,13 +135,6 @@ def validate_free(cfg: DictConfig) -> None:
         )
     if int(r.queue) < 1:
         raise ConfigError(f"runtime.queue must be at least 1 send in flight, got {r.queue}.")
-    if len(r.sleep_ms) > int(cfg.model.num_components):
-        raise ConfigError(
-            f"runtime.sleep_ms has {len(r.sleep_ms)} entries for "
-            f"{cfg.model.num_components} component processes: give one per process (or fewer)."
-        )
-    if any(float(ms) < 0 for ms in r.sleep_ms):
-        raise ConfigError(f"runtime.sleep_ms are milliseconds per step (>= 0), got {r.sleep_ms}.")
     if int(cfg.trainer.max_steps) <= 0 and int(cfg.trainer.max_epochs) <= 0:
         raise ConfigError("runtime.mode=free needs trainer.max_steps or trainer.max_epochs set.")
 
@@ -155,6 +148,13 @@ def validate_runtime(cfg: DictConfig) -> None:
         return
     if r.mode == "free":
         validate_free(cfg)
+    if len(r.sleep_ms) > int(cfg.model.num_components):
+        raise ConfigError(
+            f"runtime.sleep_ms has {len(r.sleep_ms)} entries for "
+            f"{cfg.model.num_components} component processes: give one per process (or fewer)."
+        )
+    if any(float(ms) < 0 for ms in r.sleep_ms):
+        raise ConfigError(f"runtime.sleep_ms are milliseconds per step (>= 0), got {r.sleep_ms}.")
     wrong = {
         "trainer.accelerator": (t.accelerator, ("auto", "cpu")),
         "trainer.devices": (t.devices, ("auto", 1)),

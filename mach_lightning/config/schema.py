@@ -98,7 +98,7 @@ class RuntimeConfig:
     # sync, delayed and local so far; staleness is measured, not scheduled)
     mode: str = "lockstep"
     queue: int = 2  # free: sends in flight per link before a sender waits for its receiver
-    # free: per process, milliseconds slept each step (a straggler on purpose); [] for none
+    # dist: per process, milliseconds slept each step (a straggler on purpose); [] for none
     sleep_ms: list = field(default_factory=list)
     timeout_s: float = 60.0  # dist: a process silent this long is named, and the run stops
     host: str = "127.0.0.1"  # dist: the address of the coordinator's store

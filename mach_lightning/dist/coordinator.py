@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mach_lightning.dist.checkpoint import common_step
 from mach_lightning.dist.worker import EXIT_PEER, component_dir
 
 
@@ -43,15 +44,25 @@ def processes_of(rule) -> int:
     return 1 + max(rule.process_of(n.index) for n in rule.nodes())
 
 
-def run_components(cfg, run_dir: Path, rule) -> DistResult:
-    """Start, watch and collect one process per component; raises DistError on a failure."""
+def resume_step(run_dir: Path, rule) -> int | None:
+    """The latest step every component process of the run saved a checkpoint at."""
+    dirs = [component_dir(run_dir, k) for k in range(processes_of(rule))]
+    return common_step(dirs) if all(d.is_dir() for d in dirs) else None
+
+
+def run_components(cfg, run_dir: Path, rule, resume: int | None = None) -> DistResult:
+    """Start (from checkpoint step `resume`, if given), watch and collect one process per
+    component; raises DistError on a failure."""
     world, start = processes_of(rule), time.monotonic()
     r = cfg.runtime
     store = dist.TCPStore(
         r.host, int(r.port), is_master=True, wait_for_workers=False,
         timeout=timedelta(seconds=float(r.timeout_s)),
     )  # fmt: skip
-    procs = [_start(run_dir, rank, world, f"{r.host}:{store.port}") for rank in range(world)]
+    address = f"{r.host}:{store.port}"
+    procs = [_start(run_dir, rank, world, address, resume) for rank in range(world)]
+    if resume is not None:
+        print(f"dist: resuming every component process from step {resume}", flush=True)
     print(f"dist: {world} component processes (logs: {run_dir}/components/c*/log.txt)", flush=True)
     try:
         _watch(procs, run_dir, float(r.timeout_s), Progress(store, world, cfg.trainer.max_steps))
@@ -80,15 +91,20 @@ def merge_epochs(dirs: list[Path]) -> list[dict]:
     return merged
 
 
-def _start(run_dir: Path, rank: int, world: int, store: str) -> subprocess.Popen:
+def _start(run_dir: Path, rank: int, world: int, store: str, resume: int | None):
     out = component_dir(run_dir, rank)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("error.json", "weights.pt", "metrics.csv", *out.glob("epochs/e*.pt")):
-        (out / stale).unlink(missing_ok=True)  # an earlier attempt's
-    log = open(out / "log.txt", "w")  # noqa: SIM115  (the child writes it; closed with it)
+    stale = ["error.json", "weights.pt"]  # an earlier attempt's
+    if resume is None:  # a fresh start: its rows, epochs and checkpoints too
+        stale += ["metrics.csv", *out.glob("epochs/e*.pt"), *out.glob("ckpt/s*.pt")]
+    for path in stale:
+        (out / path).unlink(missing_ok=True)
+    log = open(out / "log.txt", "a" if resume is not None else "w")  # noqa: SIM115
     command = [sys.executable, "-m", "mach_lightning.dist.worker", "--run-dir", str(run_dir)]
     command += ["--rank", str(rank), "--world", str(world), "--store", store]
     command += ["--parent", str(os.getpid())]
+    if resume is not None:
+        command += ["--resume-step", str(resume)]
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
 

@@ -124,6 +124,16 @@ class FreeProcess(LockstepProcess):
         for link in self.peers.values():
             link.settle(self.queue_depth)
 
+    def quiesce(self) -> None:
+        """Before a checkpoint: every answer to the steps run so far read (delivered at the next
+        step), every send completed; nothing is then on the wire."""
+        for k in self.readers:
+            if self.unanswered[k]:
+                self._drain(k, until=max(self.unanswered[k]))
+        super().end_step()
+        for link in self.peers.values():
+            link.flush()
+
     def finish(self, last_step: int) -> None:
         """Read every answer still coming (the receivers' last sends complete), then the sends."""
         self.arrival_step = last_step + 1  # too late to apply: the run is over

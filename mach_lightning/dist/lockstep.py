@@ -180,6 +180,25 @@ class LockstepProcess:
         for link in self.peers.values():
             link.flush()
 
+    def quiesce(self) -> None:
+        """Before a checkpoint: nothing left on the wire (in lockstep every step ends so)."""
+
+    # ----- a checkpoint's share of this process (dist/checkpoint.py) -----
+    def state_dict(self) -> dict:
+        stored = {n.index: n.stored.state_dict() for n in self.mine if n.stored is not None}
+        return {
+            "in_flight": self.in_flight.state_dict(),
+            "stored": stored,
+            "staleness": self.staleness.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.in_flight.load_state_dict(state["in_flight"])
+        for node in self.mine:
+            if node.stored is not None and node.index in state["stored"]:
+                node.stored.load_state_dict(state["stored"][node.index])
+        self.staleness.load_state_dict(state["staleness"])
+
     def finish(self, last_step: int) -> None:
         self.end_step()
 

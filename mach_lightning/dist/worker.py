@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from omegaconf import OmegaConf
 
 from mach_lightning.atomic import atomic_write_text
 from mach_lightning.data import create_datamodule
+from mach_lightning.dist import checkpoint
 from mach_lightning.dist.free import FreeProcess
 from mach_lightning.dist.lockstep import LockstepProcess
 from mach_lightning.dist.transport import Link, PeerError
@@ -90,44 +92,91 @@ def own_state(module, process: LockstepProcess) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in full.items() if id(v) in owned}
 
 
-def train(cfg, rank: int, store, out_dir: Path) -> int:
-    """Every batch step of this process's nodes; returns the number of steps trained."""
+@dataclass
+class TrainingParts:
+    """What a component process trains with, and what its checkpoints hold (dist/checkpoint.py)."""
+
+    module: object
+    process: LockstepProcess
+    optimizers: list
+    schedulers: list
+    meter: TrainMeter
+    logger: RunCSVLogger
+
+    def own_state(self) -> dict[str, torch.Tensor]:
+        return own_state(self.module, self.process)
+
+    def own_optimizers(self) -> list[int]:
+        return [j for node in self.process.mine for j in node.optimizers]
+
+
+def train(cfg, rank: int, store, out_dir: Path, resume_step: int | None = None) -> int:
+    """Every batch step of this process's nodes (from a checkpoint's step, if given); returns
+    the number of steps trained."""
     module, datamodule, process, optimizers, schedulers = build(cfg, rank, store)
     loader = datamodule.train_dataloader()
+    parts = TrainingParts(
+        module, process, optimizers, schedulers, TrainMeter(), RunCSVLogger(out_dir)
+    )
+    position = {"epoch": 0, "batch": 0, "elapsed_s": 0.0}
+    if resume_step is not None:
+        position = checkpoint.load(out_dir, resume_step, parts)
+        loader.load_state_dict(position["loader"])
+    t = resume_step or 0
+    t = run_epochs(cfg, rank, store, out_dir, parts, loader, t, position)
+    process.finish(t - 1)
+    parts.logger.log_metrics(process.staleness.histogram_metrics(), step=t)
+    parts.logger.save()
+    torch.save({"step": t, "state": parts.own_state()}, out_dir / "weights.pt")
+    return t
+
+
+def run_epochs(cfg, rank, store, out_dir, parts, loader, t: int, position: dict) -> int:
+    """The epochs from `position` on; checkpoints every run.checkpoint_every_n_steps steps and at
+    each epoch's end. Returns the step count reached."""
     per_epoch = batches_per_epoch(len(loader), cfg.trainer.limit_train_batches)
     log_every = max(1, min(int(cfg.trainer.log_every_n_steps), per_epoch))
+    every = int(cfg.run.checkpoint_every_n_steps)
     max_steps, max_epochs = int(cfg.trainer.max_steps), int(cfg.trainer.max_epochs)
-    logger, meter, clock = RunCSVLogger(out_dir), TrainMeter(), StepClock(process)
-    schedule = FreeSchedule(module.rule) if cfg.runtime.mode == "free" else module.schedule
+    process, meter, clock = parts.process, parts.meter, StepClock(parts.process)
+    schedule = FreeSchedule(parts.module.rule) if cfg.runtime.mode == "free" else None
+    schedule = schedule or parts.module.schedule
     sleep_s = dict(enumerate(float(ms) / 1000 for ms in cfg.runtime.sleep_ms)).get(rank, 0.0)
-    t, done, started = 0, False, time.monotonic()
-    for epoch in range(max_epochs if max_epochs > 0 else 2**62):
-        for b, (x, y) in enumerate(loader):
+    started, done = time.monotonic() - position["elapsed_s"], False
+
+    def save(epoch: int, batch: int, loader_state: dict) -> None:
+        process.quiesce()
+        elapsed = time.monotonic() - started
+        where = {"epoch": epoch, "batch": batch, "elapsed_s": elapsed, "loader": loader_state}
+        checkpoint.save(out_dir, t, where, parts)
+
+    for epoch in range(position["epoch"], max_epochs if max_epochs > 0 else 2**62):
+        first = position["batch"] if epoch == position["epoch"] else 0
+        for b, (x, y) in enumerate(loader, start=first):
             if b >= per_epoch:
                 break
             clock.start()
             if sleep_s:  # a straggler on purpose (runtime.sleep_ms)
                 time.sleep(sleep_s)
-            outs = train_step(schedule, process, optimizers, x, y, t)
+            outs = train_step(schedule, process, parts.optimizers, x, y, t)
             meter_update(meter, outs, y, clock.stop())
             t += 1
             if t % log_every == 0:
-                logger.log_metrics(step_metrics(process, meter, clock, rank), step=t)
+                parts.logger.log_metrics(step_metrics(process, meter, clock, rank), step=t)
                 meter.reset()
                 store.set(f"progress/{rank}", str(t))  # the coordinator's progress line
             done = 0 < max_steps <= t
             if done:
                 break
-        for scheduler in schedulers:  # once an epoch, as the simulator's
+            if every > 0 and t % every == 0 and b + 1 < per_epoch:  # else the epoch's end saves
+                save(epoch, b + 1, loader.state_dict())
+        for scheduler in parts.schedulers:  # once an epoch, as the simulator's
             scheduler.step()
         if (epoch + 1) % int(cfg.trainer.check_val_every_n_epoch) == 0:
-            save_epoch(out_dir, epoch, t, time.monotonic() - started, own_state(module, process))
+            save_epoch(out_dir, epoch, t, time.monotonic() - started, parts.own_state())
         if done:
             break
-    process.finish(t - 1)
-    logger.log_metrics(process.staleness.histogram_metrics(), step=t)
-    logger.save()
-    torch.save({"step": t, "state": own_state(module, process)}, out_dir / "weights.pt")
+        save(epoch + 1, 0, {"epoch": epoch + 1, "batches_done": 0})
     return t
 
 
@@ -238,6 +287,7 @@ def parse_args(argv):
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--store", required=True, help="HOST:PORT of the coordinator's store")
     parser.add_argument("--parent", type=int, default=0, help="the coordinator's pid")
+    parser.add_argument("--resume-step", type=int, default=None, help="continue from this step")
     return parser.parse_args(argv)
 
 
@@ -257,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = timedelta(seconds=float(cfg.runtime.timeout_s))
     try:
         store = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
-        steps = train(cfg, args.rank, store, out_dir)
+        steps = train(cfg, args.rank, store, out_dir, args.resume_step)
     except PeerError as err:
         write_error(out_dir, str(err), peer=err.peer)
         return EXIT_PEER

@@ -116,7 +116,7 @@ UNREAD_WHEN.update(
         "local.aux_hidden": ("local.aux_head", ("linear",)),
         "runtime.mode": ("runtime.name", ("sim",)),  # the simulator has one mode
         "runtime.queue": ("runtime.mode", ("lockstep",)),  # free mode's only
-        "runtime.sleep_ms": ("runtime.mode", ("lockstep",)),
+        "runtime.sleep_ms": ("runtime.name", ("sim",)),
     }
 )
 
