@@ -228,9 +228,10 @@ def test_free_local_never_waits_on_a_gradient_and_equals_the_simulator(tmp_path)
 
 
 def free_delayed(tmp_path, *extra: str) -> dict:
-    """A K=2 free delayed run; its result.json (staleness measured from the headers)."""
+    """A K=2 free delayed run; its result.json (staleness measured from the headers). Its 40
+    steps fit in one epoch: an epoch's end checkpoints, which first drains the pipeline."""
     cfg = dist_cfg(tmp_path, "topology.name=delayed", "model.num_components=2",
-                   "runtime.mode=free", "trainer.max_steps=40", "trainer.max_epochs=10",
+                   "runtime.mode=free", "trainer.max_steps=40", "data.batch_size=16",
                    "trainer.log_every_n_steps=10",
                    *extra)  # fmt: skip
     return json.loads((Path(run_fit(cfg)["run_dir"]) / "result.json").read_text())
@@ -259,6 +260,21 @@ def test_free_delayed_staleness_is_measured_and_grows_behind_a_slow_receiver(tmp
         assert result["time/wait_frac_c0"] > 0.3  # the sender waits for room in its queue
         assert result["status"] == "finished" and result["val/acc"] > 0.2
     assert means[3] - means[1] == pytest.approx(2.0, abs=0.75)
+
+
+@pytest.mark.slow
+def test_free_checkpoints_at_epoch_ends_lose_no_gradient(tmp_path):
+    """40 steps over four epochs (three epoch-end checkpoints, each draining the answers in
+    flight): every gradient but the last batch's is still applied."""
+    extra = ("runtime.sleep_ms=[25,0]", "data.batch_size=128", "trainer.max_epochs=10")
+    result = free_delayed(tmp_path, *extra)
+    assert staleness_hist(result, 0) == {1: pytest.approx(39, abs=1)}
+    ckpts = Path(result_dir(tmp_path)) / "components" / "c0" / "ckpt"
+    assert sorted(p.name for p in ckpts.glob("s*.pt")) == ["s22.pt", "s33.pt"]  # the last two
+
+
+def result_dir(tmp_path: Path) -> Path:
+    return next((tmp_path / "runs" / "default").iterdir())
 
 
 # ----- checkpoints per component process, and resume -----

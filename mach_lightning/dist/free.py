@@ -77,9 +77,10 @@ class FreeProcess(LockstepProcess):
             if self.local(s) and not self.local(r)
         }
         self.arrival_step = 0  # the step a message read now is delivered at
+        self.current = -1  # the step running (or last run)
 
     def step(self, x, y, t: int, delays: list[int], active):
-        self.arrival_step = t
+        self.arrival_step, self.current = t, t
         for k in self.readers:  # whatever has arrived since the last step
             self._drain(k, until=None)
         return super().step(x, y, t, delays, active)
@@ -127,6 +128,7 @@ class FreeProcess(LockstepProcess):
     def quiesce(self) -> None:
         """Before a checkpoint: every answer to the steps run so far read (delivered at the next
         step), every send completed; nothing is then on the wire."""
+        self.arrival_step = self.current + 1  # this step's messages have all been taken
         for k in self.readers:
             if self.unanswered[k]:
                 self._drain(k, until=max(self.unanswered[k]))
