@@ -99,7 +99,7 @@ class RuntimeConfig:
     mode: str = "lockstep"
     queue: int = 2  # free: sends in flight per link before a sender waits for its receiver
     # dist: per process, milliseconds slept each step (a straggler on purpose); [] for none
-    sleep_ms: list = field(default_factory=list)
+    sleep_ms: list[float] = field(default_factory=list)
     timeout_s: float = 60.0  # dist: a process silent this long is named, and the run stops
     host: str = "127.0.0.1"  # dist: the address of the coordinator's store
     port: int = 0  # dist: the store's TCP port (0: any free one)
