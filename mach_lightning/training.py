@@ -147,12 +147,9 @@ def run_fit(cfg: DictConfig, trust_checkpoint: bool = False) -> dict:
         )
     model = create_topology(cfg, datamodule.input_shape, datamodule.num_classes)
     dist_resume = _dist_resume_step(cfg, run_dir, model.rule)
-    if dist_resume is not None and read_result(run_dir) is not None:
-        return {
-            "run_dir": str(run_dir),
-            "status": FINISHED_ALREADY,
-            "metrics": read_result(run_dir),
-        }
+    finished = read_result(run_dir) if dist_resume is not None else None
+    if finished is not None:
+        return {"run_dir": str(run_dir), "status": FINISHED_ALREADY, "metrics": finished}
     check_weights_fit(model, plan)
     trainer = build_trainer(cfg, run_dir)
     lock = RunLock(run_dir).acquire() if trainer.is_global_zero else None

@@ -68,8 +68,15 @@ class FreeProcess(LockstepProcess):
 
     def __init__(self, rule, me: int, links: dict, queue_depth: int, last_step: int):
         super().__init__(rule, me, links)
-        self.queue_depth, self.last_step = queue_depth, last_step
+        self.queue_depth = queue_depth
         self.by_index = {node.index: node for node in self.mine}
+        # nodes whose stored forwards wait for a gradient from another process (asked once)
+        self.held = {
+            node.index
+            for node in self.mine
+            if node.stored is not None
+            and any(not self.local(self.node_links[k][1]) for k in self.outbound[node.index])
+        }
         self.unanswered: dict[int, dict[int, list]] = defaultdict(dict)  # k -> {step: sent}
         self.readers = {
             k: AnswerReader(self.peer(r), 2 * k + 1, last_step)
@@ -88,8 +95,7 @@ class FreeProcess(LockstepProcess):
     def stepped(self, node, t: int) -> None:
         """A stored forward whose gradient comes from another process is replayed when that
         gradient arrives, not on the schedule (one from this process keeps the schedule's step)."""
-        remote = any(not self.local(self.node_links[k][1]) for k in self.outbound[node.index])
-        if node.stored is not None and remote:
+        if node.index in self.held:
             node.stored.hold(t)
 
     def await_answer(self, k: int, s, t: int) -> None:
@@ -129,18 +135,19 @@ class FreeProcess(LockstepProcess):
         """Before a checkpoint: every answer to the steps run so far read (delivered at the next
         step), every send completed; nothing is then on the wire."""
         self.arrival_step = self.current + 1  # this step's messages have all been taken
-        for k in self.readers:
-            if self.unanswered[k]:
-                self._drain(k, until=max(self.unanswered[k]))
-        super().end_step()
-        for link in self.peers.values():
-            link.flush()
+        self._drain_all()
+        super().end_step()  # lockstep's: every send completed
 
     def finish(self, last_step: int) -> None:
         """Read every answer still coming (the receivers' last sends complete), then the sends."""
         self.arrival_step = last_step + 1  # too late to apply: the run is over
-        for k, reader in self.readers.items():
-            if self.unanswered[k]:
-                self._drain(k, until=max(self.unanswered[k]))
+        self._drain_all()
+        for reader in self.readers.values():
             reader.thread.join(timeout=reader.link.timeout.total_seconds())
         super().finish(last_step)
+
+    def _drain_all(self) -> None:
+        """Wait for and apply the answers to every step sent so far, on every link."""
+        for k in self.readers:
+            if self.unanswered[k]:
+                self._drain(k, until=max(self.unanswered[k]))

@@ -139,8 +139,8 @@ def run_epochs(cfg, rank, store, out_dir, parts, loader, t: int, position: dict)
     every = int(cfg.run.checkpoint_every_n_steps)
     max_steps, max_epochs = int(cfg.trainer.max_steps), int(cfg.trainer.max_epochs)
     process, meter, clock = parts.process, parts.meter, StepClock(parts.process)
-    schedule = FreeSchedule(parts.module.rule) if cfg.runtime.mode == "free" else None
-    schedule = schedule or parts.module.schedule
+    free = cfg.runtime.mode == "free"
+    schedule = FreeSchedule(parts.module.rule) if free else parts.module.schedule
     sleep_s = dict(enumerate(float(ms) / 1000 for ms in cfg.runtime.sleep_ms)).get(rank, 0.0)
     started, done = time.monotonic() - position["elapsed_s"], False
 
