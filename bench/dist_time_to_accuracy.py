@@ -8,12 +8,15 @@ Runs, one after another on this machine, the same MNIST MLP split in K=2 compone
   dist sync    free mode, one process per component: forward and backward locked across them
   dist delayed free mode: each component applies whatever gradient has arrived (stash)
   dist local   free mode: no gradient crosses a link
+  dist mach_seq  free mode: the consumer steps with its student's imitation when the
+               producer's embedding is not there yet (the share of such steps: "late inputs")
 Each dist process gets cpu_count // 2 threads, so every run has the machine's threads in all.
 Training time is the sum of the measured step times (time/step_ms, time/real_step_ms_c<i> of
 the process holding the logits), so start-up and evaluation are left out of every run alike.
 Printed per run: steps/s, training seconds, the time at which the windowed training accuracy
 first reached --target, its ratio to sim sync's, the final val/acc, each process's waiting share,
-and the mean staleness measured. Ratios are measured side by side in one run of this script.
+the mean staleness measured, and the share of steps a MACH consumer took without its input.
+Ratios are measured side by side in one run of this script.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ RUNS = {
     "dist sync": ("topology.name=sync", "runtime.name=dist", "runtime.mode=free"),
     "dist delayed": ("topology.name=delayed", "runtime.name=dist", "runtime.mode=free"),
     "dist local": ("topology.name=local", "runtime.name=dist", "runtime.mode=free"),
+    "dist mach_seq": ("topology.name=mach_seq", "runtime.name=dist", "runtime.mode=free"),
 }
 
 
@@ -129,6 +133,7 @@ def summary(run_dir: Path, target: float) -> dict:
     reached = next((s for s, acc in points if acc >= target), None)
     waits = [f"{result[k]:.2f}" for k in sorted(result) if k.startswith("time/wait_frac_c")]
     stale = [f"{result[k]:.1f}" for k in sorted(result) if k.startswith("diag/staleness_c")]
+    late = [f"{result[k]:.2f}" for k in sorted(result) if k.startswith("diag/late_input_frac_c")]
     return {
         "seconds": points[-1][0],
         "steps_per_s": result["step"] / points[-1][0],
@@ -136,6 +141,7 @@ def summary(run_dir: Path, target: float) -> dict:
         "val_acc": result.get("val/acc", float("nan")),
         "wait": "/".join(waits) or "-",
         "staleness": "/".join(stale) or "-",
+        "late": "/".join(late) or "-",
         "val_curve": val_curve(run_dir, points),
     }
 
@@ -165,9 +171,9 @@ def main() -> None:
     print(f"\n{title}; target train/acc {args.target}")
     print(
         "| run | steps/s | train s | to target s | speed-up to target | val/acc | wait share"
-        " | staleness |"
+        " | staleness | late inputs |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         reached = f"{r['reached_s']:.2f}" if r["reached_s"] is not None else "not reached"
         ratio = (
@@ -175,7 +181,7 @@ def main() -> None:
             if r["reached_s"] and base["reached_s"] else "-"
         )  # fmt: skip
         print(f"| {name} | {r['steps_per_s']:.0f} | {r['seconds']:.2f} | {reached} | {ratio} | "
-              f"{r['val_acc']:.4f} | {r['wait']} | {r['staleness']} |")  # fmt: skip
+              f"{r['val_acc']:.4f} | {r['wait']} | {r['staleness']} | {r['late']} |")  # fmt: skip
 
     if args.plot:
         plot(results, args.plot, title)

@@ -105,6 +105,22 @@ def test_use_student_student_never_waits_on_a_neighbour(tmp_path):
     assert losses[0]["train/distill_c0"] != losses[1]["train/distill_c0"]
 
 
+def test_a_neighbour_embedding_not_there_yet_is_stood_in_for_by_the_student(tmp_path):
+    """Free mode: node 0 steps before node 1's embedding arrives. Its student's imitation is
+    the neighbour input, and with no target to imitate there is no distillation loss."""
+    rule, _ = make(tmp_path, "mach_seq", 2)
+    parent = copy.deepcopy(rule.components[0])
+    x, y = batch()
+    meters(rule)  # empties the meters
+    out = rule.node_step(by_index(rule)[0], Inbox(batch=0, x=x, y=y, step=0, delays=[0, 1]))
+    logged = meters(rule)
+    expected = F.cross_entropy(parent.classify(parent(x, parent.imitate(x))), y)
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.logits, parent.classify(parent(x, parent.imitate(x))))
+    assert "train/distill_c0" not in logged and "train/loss_c0" in logged
+    assert out.messages == []  # node 0 publishes to nobody in a chain of two
+
+
 def test_kgraph_trains_each_teacher_on_the_others_standalone_embeddings(tmp_path):
     rule, driver = make(tmp_path, "mach_kgraph", 3)
     reference = copy.deepcopy(rule.components)

@@ -122,7 +122,8 @@ def validate_synth_and_mach(cfg: DictConfig) -> None:
     resolve_student_modes(mach.use_student, cfg.model.num_components)
 
 
-FREE_METHODS = ("sync", "delayed", "local")  # the rules with `free = True` (a test checks)
+# the rules with `free = True` (a test checks)
+FREE_METHODS = ("sync", "delayed", "local", "mach_single", "mach_seq", "mach_kgraph")
 
 
 def validate_free(cfg: DictConfig) -> None:

@@ -97,6 +97,10 @@ class InFlight:
     def pending_batches(self) -> set[int]:
         return {m.batch for box in self._due.values() for m in box.values()}
 
+    def receivers_and_batches(self) -> set[tuple[int, int]]:
+        """(receiver, batch) of every message in flight."""
+        return {(m.receiver, m.batch) for box in self._due.values() for m in box.values()}
+
     def __len__(self) -> int:
         return sum(len(box) for box in self._due.values())
 

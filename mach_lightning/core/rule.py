@@ -14,6 +14,7 @@ What a runtime may ask a rule besides `node_step`:
   eval_logits(x)   the logits to evaluate: "main" (the full model) and "c{i}" per component head
   reads_input(i)   whether node i reads the data input
   state_dict       in-flight state beyond the nodes' stored forwards (e.g. replay buffers)
+  end_step         once per step, after every node's backward: forget what nothing can reach
 Facts for simulated time are plain attributes: `parallel`, `messages_per_link`, `extra_forwards`.
 """
 
@@ -86,8 +87,17 @@ class Rule:
         indices = [node.index for node in self.nodes()]
         return list(zip(indices, indices[1:]))
 
+    def end_step(self, reachable=None) -> None:
+        """Once per step, after every node's backward and follow-ups: forget stored forwards
+        that no message can reach any more. `reachable(node, batch)`: a runtime that does not
+        see every node (one process of several) says which its nodes must keep; None: this
+        runtime sees them all, and the rule's own count decides."""
+
     # ----- free mode (dist runtime): what a node waits for -----
     free: ClassVar[bool] = False  # the rule runs in runtime.mode=free
+    # free mode: a node steps without a forward message that has not arrived by its step (MACH:
+    # the teacher's student stands in for the neighbour); else it waits for every one
+    free_inputs_optional: ClassVar[bool] = False
 
     def free_delays(self) -> list[int]:
         """The delays a free-mode run steps with, one per component: 0 keeps a link live (the

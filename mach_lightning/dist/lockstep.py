@@ -46,6 +46,10 @@ class LockstepProcess:
         for k, (s, _) in sorted(enumerate(self.node_links), key=lambda e: position[e[1][1]]):
             self.outbound[s].append(k)  # in the order the receivers step
         self.in_flight = InFlight()
+        self.by_index = {node.index: node for node in self.mine}
+        # per outbound link to another process: the batches its receiver's latest answer said it
+        # holds a stored forward of (a gradient may still come back for them); None: no answer
+        self.remote_holds: dict[int, set[int] | None] = defaultdict(lambda: None)
         # measured from the headers, per component (its process): the age of each gradient applied
         self.staleness = StalenessTracker(1 + max(self.process.values()))
 
@@ -66,16 +70,36 @@ class LockstepProcess:
         for node in self.mine:
             for follow_up in outs[node.index].after_backward:
                 follow_up()
+        self.rule.end_step(self.reachable())
         return outs
+
+    def reachable(self):
+        """reachable(j, s): whether a message may still come for node j's stored forward of
+        batch s: one is in flight here, or a receiver of j's messages holds batch s (it may send
+        a gradient on from it), or has not answered for it yet."""
+        flying = self.in_flight.receivers_and_batches()
+
+        def keep(j: int, s: int) -> bool:
+            if not self.local(j) or (j, s) in flying:  # (another process's node stores nothing here)
+                return True
+            return any(self.receiver_holds(k, s) for k in self.outbound[j])
+
+        return keep
+
+    def receiver_holds(self, k: int, s: int) -> bool:
+        receiver = self.node_links[k][1]
+        if self.local(receiver):
+            stored = self.by_index[receiver].stored
+            return stored is not None and s in stored.records
+        holds = self.remote_holds[k]
+        return holds is None or s in holds
 
     def _forward(self, node, s, x, y, t, delays, active) -> Outbox:
         i = node.index
         for k in self.inbound[i]:
             sender = self.node_links[k][0]
             if not self.local(sender):
-                header, tensors = self.peer(sender).recv_bundle(2 * k)
-                for m, delay, grads in wire.decode(header["messages"], tensors):
-                    s.arrive(k, m, delay, grads)
+                self.receive(k, sender, s, t)
         delivered = [m for k in self.inbound[i] for m in s.received[k]]
         due = self.in_flight.take_due(t, i)
         for m in due:  # measured from the headers: the batch a gradient is of, applied now
@@ -98,8 +122,13 @@ class LockstepProcess:
             receiver = self.node_links[k][1]
             if not self.local(receiver):
                 headers, tensors = wire.encode(s.sent[k])
-                self.peer(receiver).send_bundle(2 * k, {"messages": headers}, tensors)
+                self.peer(receiver).send_bundle(2 * k, {"messages": headers, "step": t}, tensors)
         return out
+
+    def receive(self, k: int, sender: int, s, t: int) -> None:
+        """Lockstep: the bundle on link k of step t, always waited for."""
+        header, tensors = self.peer(sender).recv_bundle(2 * k)
+        s.arrive_all(k, header, tensors)
 
     def _route(self, out: Outbox, s, t: int) -> None:
         i = out.sender
@@ -139,6 +168,7 @@ class LockstepProcess:
         """Lockstep: the receiver's answer on link k to this step, always waited for."""
         header, tensors = self.peer(self.node_links[k][1]).recv_bundle(2 * k + 1)
         s.answer(k, header, tensors, self.in_flight.send)
+        self.remote_holds[k] = set(header["holds"])
 
     def _backward(self, node, out: Outbox, s, t: int) -> None:
         i = node.index
@@ -173,12 +203,18 @@ class LockstepProcess:
                 s.answer_local(k, live, self.in_flight)
             else:
                 header, tensors = s.pack_answer(k, live)
-                self.peer(sender).send_bundle(2 * k + 1, {**header, "step": t}, tensors)
+                holds = sorted(node.stored.records) if node.stored is not None else []
+                header = {**header, "step": t, "holds": holds}
+                self.peer(sender).send_bundle(2 * k + 1, header, tensors)
 
     def end_step(self) -> None:
         """Lockstep: every send of the step completes before the next step."""
         for link in self.peers.values():
             link.flush()
+
+    def window_metrics(self) -> dict[str, float]:
+        """Metrics since the last call (each log step): the staleness measured."""
+        return self.staleness.window_metrics()
 
     def quiesce(self) -> None:
         """Before a checkpoint: nothing left on the wire (in lockstep every step ends so)."""
@@ -214,6 +250,10 @@ class _StepState:
         self.back = defaultdict(list)  # k -> [(message, due)] back to the link's sender
         self.returned = defaultdict(list)  # k -> positions of delayed messages answered
         self.returns = defaultdict(list)  # node -> Returns to read after its backward
+
+    def arrive_all(self, k: int, header: dict, tensors: list) -> None:
+        for m, delay, grads in wire.decode(header["messages"], tensors):
+            self.arrive(k, m, delay, grads)
 
     def arrive(self, k: int, m: Message, delay: int, grads: list[bool]) -> None:
         """A forward message reaches its receiver: leaves, live or answered `delay` steps on."""

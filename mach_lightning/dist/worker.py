@@ -272,7 +272,7 @@ class StepClock:
 
 def step_metrics(process, meter, clock, rank: int) -> dict[str, float]:
     metrics = clock.window(rank)
-    metrics.update(process.staleness.window_metrics())
+    metrics.update(process.window_metrics())
     if meter.steps:
         metrics.update(meter.summary())
     for node in process.mine:

@@ -86,6 +86,8 @@ class MachRule(Rule):
     """Base class; a variant builds its components and says its `edges()`."""
 
     diagnostics = True  # staleness of the applied messages, in-flight memory
+    free = True  # free mode: a teacher's student stands in for an embedding not there yet
+    free_inputs_optional = True
     probe = False  # the gradient probe compares with a chain's sync gradient: none here
 
     def __init__(self, cfg, input_shape: tuple, num_classes: int):
@@ -160,6 +162,10 @@ class MachRule(Rule):
     def reads_input(self, index: int) -> bool:
         return True  # every teacher and student reads x
 
+    def free_delays(self) -> list[int]:
+        """Every published embedding's gradient comes back as a message (nobody waits on it)."""
+        return [1 if self.graph.consumers(j) else 0 for j in range(self.num_components)]
+
     def process_of(self, index: int) -> int:
         return index % self.num_nodes()  # mach_kgraph's node N + i trains component i
 
@@ -180,8 +186,10 @@ class MachRule(Rule):
         else:  # consume the neighbours' embeddings (or the student's imitation), learn, publish
             i = node.index % n  # mach_kgraph's second round: node N + i trains teacher i
             parts = [inbox.one(EMBEDDING, t, sender=j) for j in self.neighbours(i)]
+            late = None in parts  # free mode: a neighbour's embedding not there yet
+            parts = [] if late else parts
             neighbour = torch.cat(parts, dim=1) if parts else None
-            mode = self.modes[i] if neighbour is not None else "neighbour"
+            mode = "student" if late else self.modes[i] if parts else "neighbour"
             mine = [m for m in inbox.take(EMBEDDING, t) if m.sender == i]  # what round 1 sent
             standalone = mine[0].tensor if mine else None
             imitation = mine[0].context["imitation"] if mine else self.imitate(i, x)
@@ -197,8 +205,6 @@ class MachRule(Rule):
                 embeddings.append(e)
             self.learn(node, out, i, inbox.y, embeddings, imitation, neighbour)
         self.apply_late_gradients(node, inbox, out)
-        if node is self.nodes()[-1]:  # the driver runs follow-ups in node order: this one last
-            out.after_backward.append(self.settle)
         return out
 
     def learn(self, node, out, i, y, embeddings, imitation, neighbour) -> None:
@@ -269,17 +275,23 @@ class MachRule(Rule):
 
         return fn
 
-    def settle(self) -> None:
-        """After the backward: count the messages now in flight; forget what none can reach."""
+    def end_step(self, reachable=None) -> None:
+        """After the step's backward: count the messages now in flight; forget what none can
+        reach. One process of several sees only its own messages, so there `reachable` (the
+        runtime's) decides, and the count only keeps batches some node of this process holds."""
         for sent in self._sent:
             if sent.returned:  # the runtime says a gradient reached it
                 self.pending[sent.batch] += 1
         self._sent = []
         self.pending = Counter({b: c for b, c in self.pending.items() if c > 0})
+        keep = (lambda i, s: s in self.pending) if reachable is None else reachable
         for node in self.nodes():
             if node.stored is not None:
-                for s in [s for s in node.stored.records if s not in self.pending]:
+                for s in [s for s in node.stored.records if not keep(node.index, s)]:
                     node.stored.forget(s)
+        if reachable is not None:
+            held = {s for n in self.nodes() if n.stored is not None for s in n.stored.records}
+            self.pending = Counter({b: c for b, c in self.pending.items() if b in held})
 
     # ----- in-flight state beyond the stored forwards -----
     def state_dict(self) -> dict[str, Any]:

@@ -103,6 +103,7 @@ class LockstepDriver:
         for out in result.outboxes.values():
             for follow_up in out.after_backward:
                 follow_up()
+        self.rule.end_step()
 
     # ----- checkpoints -----
     def state_dict(self) -> dict:
