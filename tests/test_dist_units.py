@@ -53,9 +53,9 @@ def test_optional_tensors_keep_their_gaps():
 
 
 @contextlib.contextmanager
-def linked_peer(*mode: str, timeout_s: float = 20.0):
+def linked_peer(*mode: str, timeout_s: float = 20.0, store=None):
     """A real gloo link to a peer process (tests/link_peer.py); the peer is ended after."""
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = store or dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     peer = subprocess.Popen([sys.executable, str(PEER), str(store.port), *mode])
     try:
         link = Link(store, 0, 1, timeout_s=30)  # the peer's start-up (imports) may take a while
@@ -88,6 +88,22 @@ def test_a_silent_peer_is_named_within_the_link_timeout():
         with pytest.raises(PeerError, match="component process 1: nothing received"):
             link.recv_bundle(0)
         assert time.monotonic() - started < 10
+
+
+def test_a_peer_that_ends_waits_until_its_last_bundle_is_read_and_one_that_does_not_is_named():
+    """Free mode left a process's last sends in flight at its exit; the peer still reading them
+    saw a crash (CI: 'component process 2 exited with code 0'). Leaving together waits."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    with linked_peer("last-and-leave", store=store) as link:
+        time.sleep(1.0)  # a slow reader: the peer has long finished its step
+        header, (tensor,) = link.recv_bundle(5)
+        assert header["step"] == 11 and torch.equal(tensor, torch.arange(1000.0))
+        assert store.check(["finished/1"])  # the peer is done, and waits
+        store.set("finished/0", "1")  # lets it go
+    with linked_peer("last-and-exit") as link:
+        time.sleep(1.0)
+        with pytest.raises(PeerError, match="component process 1"):  # named, not a gloo trace
+            link.recv_bundle(5)
 
 
 def build(name: str, k: int = 3):

@@ -147,10 +147,10 @@ def _explain(procs, run_dir: Path, timeout_s: float) -> str:
     own = [k for k, c in enumerate(codes) if c not in (None, 0, EXIT_PEER)]
     exited = [k for k, c in enumerate(codes) if c]
     culprit = own[0] if own else exited[0]
-    seen = set()  # follow who waited on whom to the one that waited on no one
+    seen, waiter = set(), None  # follow who waited on whom to the one that waited on no one
     while "peer" in errors.get(culprit, {}) and culprit not in seen:
         seen.add(culprit)
-        culprit = int(errors[culprit]["peer"])
+        waiter, culprit = culprit, int(errors[culprit]["peer"])
     code = codes[culprit]
     how = (
         f"exited with code {code}" if code is not None and code >= 0
@@ -158,6 +158,8 @@ def _explain(procs, run_dir: Path, timeout_s: float) -> str:
         else f"stopped answering (the others waited runtime.timeout_s={timeout_s:g} s for it)"
     )  # fmt: skip
     why = errors[culprit].get("message") or _tail(component_dir(run_dir, culprit) / "log.txt")
+    if waiter is not None:  # what the one that gave up on it saw (the culprit may have ended well)
+        why += f" Component process {waiter} reported: {errors[waiter]['message']}"
     return (
         f"component process {culprit} (pid {procs[culprit].pid}) {how}; the run stopped and "
         f"the other processes were ended. {why}\nIts output: "

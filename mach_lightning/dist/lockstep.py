@@ -236,7 +236,10 @@ class LockstepProcess:
         self.staleness.load_state_dict(state["staleness"])
 
     def finish(self, last_step: int) -> None:
-        self.end_step()
+        """Every send completed (free mode's steps leave some in flight): a process that exits
+        with one unfinished closes its link under the peer still reading it."""
+        for link in self.peers.values():
+            link.flush()
 
 
 class _StepState:

@@ -11,6 +11,7 @@ timeout: a peer that hangs is named, never waited on for gloo's default 30 minut
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import struct
@@ -135,7 +136,10 @@ class Link:
 
     def _post(self, tag: int, size: int) -> None:
         buffer = torch.empty(size, dtype=torch.uint8)
-        self._posted[tag] = (self.group.recv([buffer], self.peer_rank, tag), buffer)
+        try:
+            self._posted[tag] = (self.group.recv([buffer], self.peer_rank, tag), buffer)
+        except RuntimeError as err:  # gloo refuses to post on a pair its peer has closed
+            raise PeerError(self.peer, "its connection is closed", err) from None
 
     def recv_bundle(self, tag: int, timed: bool = True) -> tuple[dict, list[torch.Tensor]]:
         """The next bundle under `tag`; `timed`: its wait counts as this process waiting (not
@@ -158,7 +162,8 @@ class Link:
         header = pickle.loads(view[PREFIX.size : PREFIX.size + size])
         offsets, _ = _layout(header["shapes"], slot)
         tensors = [_view(buffer, at, s, d) for (s, d), at in zip(header["shapes"], offsets)]
-        self._post(tag, total)
+        with contextlib.suppress(PeerError):  # a peer gone after its last bundle: this one counts
+            self._post(tag, total)  # (a next receive posts again, and says the peer is gone)
         return header, tensors
 
 

@@ -128,7 +128,19 @@ def train(cfg, rank: int, store, out_dir: Path, resume_step: int | None = None) 
     parts.logger.log_metrics(process.staleness.histogram_metrics(), step=t)
     parts.logger.save()
     torch.save({"step": t, "state": parts.own_state()}, out_dir / "weights.pt")
+    leave_together(store, rank, sorted(process.peers), float(cfg.runtime.timeout_s))
     return t
+
+
+def leave_together(store, rank: int, peers: list[int], timeout_s: float) -> None:
+    """Exit only once every peer has finished too: a process that exits closes its links, and a
+    peer still reading its last bundles would then see a crash that was none."""
+    store.set(f"finished/{rank}", "1")
+    for peer in peers:
+        try:
+            store.wait([f"finished/{peer}"], timedelta(seconds=timeout_s))
+        except RuntimeError as err:  # c10d's DistStoreError: the wait timed out
+            raise PeerError(peer, f"did not finish within {timeout_s:g} s of this one", err) from None
 
 
 def run_epochs(cfg, rank, store, out_dir, parts, loader, t: int, position: dict) -> int:
