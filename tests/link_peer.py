@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mach_lightning.dist.transport import Link
-from mach_lightning.dist.worker import leave_together
+from mach_lightning.dist.worker import meet
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     if mode.startswith("last-and-"):  # a component process's last step, then its exit
         link.send_bundle(5, {"step": 11}, [torch.arange(1000.0)])
         if mode == "last-and-leave":
-            leave_together(store, 1, [0], timeout_s=30)
+            meet(store, 1, [0], "finished", timeout_s=30)
         return
     for _ in range(int(sys.argv[3])):
         header, tensors = link.recv_bundle(4)

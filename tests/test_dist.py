@@ -201,7 +201,6 @@ def test_a_hung_component_is_named_within_the_timeout(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("runtime.mode=free topology.name=dni", "topology.name=dni runs in dist with"),
         ("runtime.mode=free runtime.queue=0", "runtime.queue must be at least 1"),
         ("runtime.mode=free runtime.sleep_ms=[1,2,3,4]", "runtime.sleep_ms has 4 entries"),
         ("runtime.mode=often", "Valid choices: lockstep, free"),
@@ -285,6 +284,28 @@ def test_free_checkpoints_at_epoch_ends_lose_no_gradient(tmp_path):
     assert sorted(p.name for p in ckpts.glob("s*.pt")) == ["s22.pt", "s33.pt"]  # the last two
 
 
+@pytest.mark.slow
+def test_free_dni_steps_on_its_synthesizer_and_regresses_when_the_true_gradient_comes(tmp_path):
+    """c0 never waits for c1's gradient: behind a slow receiver its synthesizer's targets come
+    as late as its queue lets it run ahead (not 1, as when c0 is the slow one). A warm-up (the
+    true gradient, waited for) runs in free mode too."""
+    runs = {
+        "slow sender": ("runtime.sleep_ms=[25,0]",),
+        "slow receiver": ("runtime.sleep_ms=[0,25]", "runtime.queue=3"),
+        "warm-up": ("synth.warmup_steps=10", "topology.name=cdni"),
+    }
+    results = {name: free_delayed(tmp_path / name.replace(" ", "_"), "topology.name=dni", *extra)
+               for name, extra in runs.items()}  # fmt: skip
+    assert staleness_hist(results["slow sender"], 0) == {1: pytest.approx(39, abs=1)}
+    late = staleness_hist(results["slow receiver"], 0)
+    assert sum(late.values()) >= 30 and sum(d * n for d, n in late.items()) / sum(late.values()) > 2
+    assert sum(staleness_hist(results["warm-up"], 0).values()) == pytest.approx(29, abs=1)
+    for result in results.values():
+        assert result["status"] == "finished" and result["step"] == 40
+        assert result["val/acc"] > 0.2  # digits: chance is 0.1
+        assert 0 < result["synth/loss_b0"] and -1 <= result["synth/cos_b0"] <= 1
+
+
 def free_mach(tmp_path, *extra: str) -> dict:
     """A K=2 free mach_seq run of 22 steps (c1 publishes its embedding to c0); result.json."""
     cfg = dist_cfg(tmp_path, "topology.name=mach_seq", "model.num_components=2",
@@ -298,8 +319,8 @@ def test_free_mach_steps_without_a_late_neighbour_and_its_student_stands_in(tmp_
     """Behind a slow producer the consumer does not wait: it steps with its student's imitation
     for the embedding not there yet (late inputs counted); a slow consumer finds every one
     there. Both finish every step, and no process keeps the forwards nothing can reach."""
-    slow_producer = free_mach(tmp_path / "p", "runtime.sleep_ms=[0,30]")
-    slow_consumer = free_mach(tmp_path / "c", "runtime.sleep_ms=[30,0]")
+    slow_producer = free_mach(tmp_path / "p", "runtime.sleep_ms=[0,50]")
+    slow_consumer = free_mach(tmp_path / "c", "runtime.sleep_ms=[50,0]")
     assert slow_producer["diag/late_input_frac_c0"] > 0.5
     assert slow_consumer["diag/late_input_frac_c0"] < 0.2
     for result in (slow_producer, slow_consumer):

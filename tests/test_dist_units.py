@@ -180,4 +180,4 @@ def test_free_mode_is_offered_by_exactly_the_rules_that_run_it(name):
             return
         assert delays[-1] == 0  # the top needs no gradient from above
         decoupled = [d > 0 for d in delays[:-1]]
-        assert decoupled == ([True, True] if name == "delayed" else [False, False])
+        assert decoupled == ([True, True] if name in ("delayed", "dni", "cdni") else [False, False])

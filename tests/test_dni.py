@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mach_lightning.config import load_config
 from mach_lightning.core.blocks import build_optimizer
-from mach_lightning.core.messages import TARGET
+from mach_lightning.core.messages import GRADIENT, TARGET
 from mach_lightning.core.synth import GradientSynthesizer, synthesizer_loss
 from mach_lightning.data import create_datamodule
 from mach_lightning.fit import build_trainer
@@ -75,9 +75,12 @@ def activations(rule, x) -> list[torch.Tensor]:
 def targets_in_flight(driver, batch_index: int) -> list[torch.Tensor]:
     """The per-example targets (B * dL/dh) of a batch on their way, by boundary."""
     pending = sorted(driver.in_flight.pending(), key=lambda m: m.receiver)
-    messages = [m for m in pending if m.kind == TARGET and m.batch == batch_index]
-    # Each node sends its own synthesizer its target; the message holds dL/dh.
-    assert [(m.sender, m.receiver) for m in messages] == [(0, 0), (1, 1)]
+    messages = [m for m in pending if m.kind in (TARGET, GRADIENT) and m.batch == batch_index]
+    # A live boundary (warm-up: the true gradient flows through it) sends its own synthesizer
+    # the target; a decoupled one gets it back from its successor as a delayed link's gradient.
+    # Either message holds dL/dh.
+    routes = [(m.kind, m.sender, m.receiver) for m in messages]
+    assert routes in ([(TARGET, 0, 0), (TARGET, 1, 1)], [(GRADIENT, 1, 0), (GRADIENT, 2, 1)])
     return [m.tensor * BATCH for m in messages]
 
 
@@ -184,13 +187,17 @@ def test_delayed_targets_arrive_late_and_survive_a_checkpoint(tmp_path):
         run_step(rule, driver, step, 2)
         targets.append(targets_in_flight(driver, step))
     state = copy.deepcopy(driver.state_dict())
-    _, restored = make_dni(tmp_path, "staleness.schedule=constant", "staleness.k=2")
+    restored_rule, restored = make_dni(tmp_path, "staleness.schedule=constant", "staleness.k=2")
     restored.load_state_dict(state)
     due = restored.in_flight.take_due(2)  # batch 0's targets, two steps late
-    assert [(m.kind, m.batch, m.receiver) for m in due] == [(TARGET, 0, 0), (TARGET, 0, 1)]
+    assert [(m.kind, m.batch, m.receiver) for m in due] == [(GRADIENT, 0, 0), (GRADIENT, 0, 1)]
     for message in due:
         torch.testing.assert_close(message.tensor * BATCH, targets[0][message.receiver])
-        assert set(message.context) == {"activation", "labels"}
+    # what each synthesizer regresses from when its target comes: in the rule's checkpointed state
+    assert set(restored_rule.awaiting) == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    for (i, b), kept in restored_rule.awaiting.items():
+        assert set(kept) == {"activation", "labels", "prediction"}
+        torch.testing.assert_close(kept["activation"], rule.awaiting[(i, b)]["activation"])
 
 
 class OracleDNI(DNI):
@@ -262,12 +269,12 @@ def test_resume_with_targets_in_flight_is_exact(tiny_cfg, monkeypatch):
         "synth.hidden=32",
     )
     in_flight = at_cut["driver"]["in_flight"]
-    assert sorted((m["batch"], m["receiver"]) for m in in_flight if m["kind"] == TARGET) == [
-        (14, 0),
-        (14, 1),
-        (15, 0),
-        (15, 1),
-    ]
+    expected = [(14, 0), (14, 1), (15, 0), (15, 1)]  # batch, boundary
+    assert sorted((m["batch"], m["receiver"]) for m in in_flight if m["kind"] == GRADIENT) == (
+        expected
+    )
+    awaiting = at_cut["driver"]["rule"]["awaiting"]  # their synthesizers' inputs, kept here
+    assert sorted((b, i) for i, b in awaiting) == expected
 
 
 # ----- through `fit` (both families): resume after a preemption, plain DDP -----

@@ -123,7 +123,9 @@ def validate_synth_and_mach(cfg: DictConfig) -> None:
 
 
 # the rules with `free = True` (a test checks)
-FREE_METHODS = ("sync", "delayed", "local", "mach_single", "mach_seq", "mach_kgraph")
+FREE_METHODS = (
+    "sync", "delayed", "local", "dni", "cdni", "mach_single", "mach_seq", "mach_kgraph",
+)  # fmt: skip
 
 
 def validate_free(cfg: DictConfig) -> None:

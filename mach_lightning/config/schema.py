@@ -95,7 +95,7 @@ class RuntimeConfig:
     name: str = "sim"
     # dist: lockstep (each node waits for exactly what the simulator's schedule prescribes: the
     # same maths as sim, step for step) | free (nobody waits longer than its method requires;
-    # sync, delayed, local and mach_* so far; staleness is measured, not scheduled)
+    # every method; staleness is measured, not scheduled)
     mode: str = "lockstep"
     queue: int = 2  # free: sends in flight per link before a sender waits for its receiver
     # dist: per process, milliseconds slept each step (a straggler on purpose); [] for none

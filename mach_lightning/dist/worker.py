@@ -123,24 +123,27 @@ def train(cfg, rank: int, store, out_dir: Path, resume_step: int | None = None) 
         position = checkpoint.load(out_dir, resume_step, parts)
         loader.load_state_dict(position["loader"])
     t = resume_step or 0
+    meet(store, rank, sorted(process.peers), "started", float(cfg.runtime.timeout_s))
     t = run_epochs(cfg, rank, store, out_dir, parts, loader, t, position)
     process.finish(t - 1)
     parts.logger.log_metrics(process.staleness.histogram_metrics(), step=t)
     parts.logger.save()
     torch.save({"step": t, "state": parts.own_state()}, out_dir / "weights.pt")
-    leave_together(store, rank, sorted(process.peers), float(cfg.runtime.timeout_s))
+    meet(store, rank, sorted(process.peers), "finished", float(cfg.runtime.timeout_s))
     return t
 
 
-def leave_together(store, rank: int, peers: list[int], timeout_s: float) -> None:
-    """Exit only once every peer has finished too: a process that exits closes its links, and a
-    peer still reading its last bundles would then see a crash that was none."""
-    store.set(f"finished/{rank}", "1")
+def meet(store, rank: int, peers: list[int], point: str, timeout_s: float) -> None:
+    """Go on only once every peer has reached `point` too. "started": the first step (else a
+    process that came up first takes free-mode steps its peers are not there for, and the run's
+    timing is its start-up's); "finished": the exit (a process that exits closes its links, and
+    a peer still reading its last bundles would see a crash that was none)."""
+    store.set(f"{point}/{rank}", "1")
     for peer in peers:
         try:
-            store.wait([f"finished/{peer}"], timedelta(seconds=timeout_s))
+            store.wait([f"{point}/{peer}"], timedelta(seconds=timeout_s))
         except RuntimeError as err:  # c10d's DistStoreError: the wait timed out
-            raise PeerError(peer, f"did not finish within {timeout_s:g} s of this one", err) from None
+            raise PeerError(peer, f"was not {point} within {timeout_s:g} s of this one", err) from None
 
 
 def run_epochs(cfg, rank, store, out_dir, parts, loader, t: int, position: dict) -> int:

@@ -12,14 +12,19 @@ gradient at its boundary*: the successor's own (synthetic or, for the last compo
 gradient pushed back through the successor. That target is detached from the predictor, so
 training a synthesizer never changes the base model.
 
-One backward per step: the link from node i to node i+1 is live, through `SyntheticBoundary`, the
-identity on the forward pass; on the backward pass it receives the true gradient arriving from the
-successor, records it (the regression target), hands the component the synthetic gradient instead
-(or the true one during `synth.warmup_steps`), and, when the target is not delayed, injects the
-regression gradient into the synthesizer. The true gradient may arrive late: with delay d_i
-(staleness.schedule, boundary i reads component i's delay) it goes, after the backward, as a
-TARGET message from node i to itself, due d_i steps later, with the activation and labels it
-belongs to; the synthesizer then regresses on it as an ordinary loss term. Per-boundary metrics:
+A boundary whose true gradient is due at once (delay 0, as staleness.schedule gives boundary i
+component i's delay) is live, through `SyntheticBoundary`, the identity on the forward pass; on
+the backward pass it receives the true gradient arriving from the successor, records it (the
+regression target), hands the component the synthetic gradient instead (or the true one during
+`synth.warmup_steps`) and injects the regression gradient into the synthesizer. A boundary with
+delay d_i > 0 is decoupled: the component applies the synthetic gradient at once, h_i goes over a
+delayed link (a leaf at the successor), the true gradient reaching that leaf comes back as a
+GRADIENT message d_i steps later (in free mode: when it arrives), and the synthesizer regresses
+on it then, from the activation and labels the rule kept for that batch (`awaiting`,
+checkpointed). So no node ever waits for a true gradient it does not need now, in any runtime.
+During warm-up a late boundary stays live, and its target goes as a TARGET message from node i
+to itself, due d_i steps later.
+Per-boundary metrics:
   synth/loss_b{i}  regression loss at boundary i;  synth/cos_b{i}  cosine between the synthetic and
   the true gradient of the same batch;  diag/staleness_c{i}  the age of synthesizer i's targets.
 `synth.scale` multiplies the synthetic gradient a component applies to its weights (applied to the
@@ -37,7 +42,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mach_lightning.config import ConfigError, config_section, register_choices
-from mach_lightning.core.messages import ACTIVATION, TARGET, Message
+from mach_lightning.core.messages import ACTIVATION, GRADIENT, TARGET, Message
 from mach_lightning.core.node import Inbox, Node, Outbox, Return
 from mach_lightning.core.rule import ChainRule
 from mach_lightning.core.synth import (
@@ -104,6 +109,11 @@ class DNI(ChainRule):
 
     name = "dni"
     conditioned = False  # cdni: synthesizers see the labels too
+    free = True  # free mode: steps on the synthetic gradient, regresses when the true one comes
+
+    def free_delays(self) -> list[int]:
+        """Free mode: every boundary decoupled (a true gradient is applied when it comes)."""
+        return [1] * (self.num_components - 1) + [0]
 
     def __init__(self, cfg, input_shape: tuple, num_classes: int):
         if str(cfg.trainer.precision).startswith("16"):
@@ -113,6 +123,9 @@ class DNI(ChainRule):
             )
         super().__init__(cfg, input_shape, num_classes)
         self.warmup_steps, self.scale = int(cfg.synth.warmup_steps), float(cfg.synth.scale)
+        # (node, batch) -> a decoupled boundary's activation, labels and synthetic gradient,
+        # until the true gradient of that batch comes back
+        self.awaiting: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
 
     def build_components(self) -> nn.ModuleList:
         components = super().build_components()
@@ -160,42 +173,89 @@ class DNI(ChainRule):
         prediction = self.synthetic_gradient(i, h.detach(), inbox.y)
         warmup = inbox.step < self.warmup_steps
         boundary = Boundary(i, h.detach(), prediction.detach(), warmup, regress_now=delay == 0)
+        if delay == 0 or warmup:  # the true gradient is needed inside this backward
+            self.live_boundary(out, h, prediction, boundary, inbox, delay)
+        else:
+            self.decoupled_boundary(out, h, boundary, inbox, delay)
+        for message in inbox.take(TARGET):  # live boundaries' targets of earlier batches
+            self.learn(node, out, message, message.context, t)
+        for message in inbox.take(GRADIENT):  # decoupled boundaries' true gradients
+            kept = self.awaiting.pop((i, message.batch))
+            self.learn(node, out, message, kept, t)
+            self.record_cosine(node, kept["prediction"], per_example(message.tensor))
+        if not out.ages:  # nothing to learn from: zero, but plain DDP sees every parameter used
+            out.add_loss(sum(0.0 * p.sum() for p in node.modules["synthesizer"].parameters()))
+        out.after_backward.append(lambda: self.after_backward(node, boundary))
+        return out
+
+    def live_boundary(self, out, h, prediction, boundary: Boundary, inbox, delay: int) -> None:
+        """h goes on through SyntheticBoundary, live: the successor's backward reaches it in this
+        step's backward, and the true gradient there is recorded (and, if late, sent on to this
+        node as a TARGET due `delay` steps later)."""
+        i, t = boundary.index, inbox.batch
         link = SyntheticBoundary.apply(h, prediction, boundary)
-        out.send(i + 1, link, t)  # live: the successor's backward reaches the boundary
+        out.send(i + 1, link, t)
         if delay == 0:
             out.ages.append(0)
         else:  # the true gradient reaching the link: this node's target, due `delay` steps later
             link.retain_grad()
             context = {"activation": boundary.activation, "labels": inbox.y}
             out.returns.append(Return(link, i, i, t, delay, TARGET, context))
-        for message in inbox.take(TARGET):  # targets of earlier batches, due now
-            regression = self.regression(i, message)
-            node.meter.add(f"synth/loss_b{i}", regression)
-            out.add_loss(regression)
-            out.ages.append(t - message.batch)
-        if not out.ages:  # nothing to learn from: zero, but plain DDP sees every parameter used
-            out.add_loss(sum(0.0 * p.sum() for p in node.modules["synthesizer"].parameters()))
-        out.after_backward.append(lambda: self.after_backward(node, boundary))
-        return out
 
-    def regression(self, index: int, message: Message) -> torch.Tensor:
-        """Synthesizer `index`'s loss on a late target; the message holds dL/dh as the backward
-        left it, the per-example target is B times that (as in SyntheticBoundary)."""
-        target = message.tensor * message.tensor.shape[0]
-        context = message.context
-        prediction = self.synthetic_gradient(index, context["activation"], context["labels"])
-        return synthesizer_loss(prediction, target)
+    def decoupled_boundary(self, out, h, boundary: Boundary, inbox, delay: int) -> None:
+        """A late true gradient need not flow through this step's backward: the component
+        applies the synthetic gradient at once, h goes over a delayed link (a leaf at the
+        successor, whose gradient comes back as a GRADIENT message), and the synthesizer's
+        inputs wait here for it. Nobody waits on anybody: how free mode runs dni/cdni."""
+        i, t = boundary.index, inbox.batch
+        batch = h.shape[0]
+        out.add_loss((h * (boundary.prediction / batch)).sum())  # d/dh: the synthetic gradient
+        out.send(i + 1, h, t, delay=delay)
+        self.awaiting[(i, t)] = {
+            "activation": boundary.activation, "labels": inbox.y,
+            "prediction": boundary.prediction,
+        }  # fmt: skip
+
+    def learn(self, node: Node, out: Outbox, message: Message, inputs: dict, t: int) -> None:
+        """Synthesizer i regresses on a late true gradient (dL/dh as the backward left it)."""
+        i = node.index
+        prediction = self.synthetic_gradient(i, inputs["activation"], inputs["labels"])
+        regression = synthesizer_loss(prediction, per_example(message.tensor))
+        node.meter.add(f"synth/loss_b{i}", regression)
+        out.add_loss(regression)
+        out.ages.append(t - message.batch)
+
+    # ----- what waits for its gradient (decoupled boundaries): checkpointed, counted -----
+    def state_dict(self) -> dict:
+        return {"awaiting": dict(self.awaiting)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.awaiting = dict(state.get("awaiting", {}))
+
+    def held_bytes(self) -> int:
+        tensors = [t for kept in self.awaiting.values() for t in kept.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def after_backward(self, node: Node, b: Boundary) -> None:
         """Record the boundary's metrics; scale the synthetic update the component applies."""
         if b.regress_now:
             node.meter.add(f"synth/loss_b{b.index}", synthesizer_loss(b.prediction, b.target))
-        cos = F.cosine_similarity(b.prediction.flatten(), b.target.flatten(), dim=0, eps=1e-30)
-        node.meter.add(f"synth/cos_b{b.index}", cos)
+        if b.target is not None:  # a live boundary's: recorded by this backward
+            self.record_cosine(node, b.prediction, b.target)
         if self.scale != 1.0 and not b.use_true_gradient:
             for p in node.component.parameters():
                 if p.grad is not None:
                     p.grad.mul_(self.scale)
+
+    def record_cosine(self, node: Node, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        """synth/cos_b{i}: the synthetic gradient against the true one, of the same batch."""
+        cos = F.cosine_similarity(prediction.flatten(), target.flatten(), dim=0, eps=1e-30)
+        node.meter.add(f"synth/cos_b{node.index}", cos)
+
+
+def per_example(gradient: torch.Tensor) -> torch.Tensor:
+    """The per-example target a synthesizer predicts: B times dL/dh (as in SyntheticBoundary)."""
+    return gradient * gradient.shape[0]
 
 
 @register_topology(section=SynthConfig)
