@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mach_lightning.config import ConfigError, config_section, register_choices
+from mach_lightning.core.memory import tensor_bytes
 from mach_lightning.core.messages import ACTIVATION, GRADIENT, TARGET, Message
 from mach_lightning.core.node import Inbox, Node, Outbox, Return
 from mach_lightning.core.rule import ChainRule
@@ -94,7 +95,7 @@ class SyntheticBoundary(torch.autograd.Function):
     def backward(ctx, true_grad):
         (prediction,) = ctx.saved_tensors
         boundary, batch = ctx.boundary, true_grad.shape[0]
-        target = true_grad.detach() * batch  # the per-example gradient the synthesizer predicts
+        target = per_example(true_grad.detach())  # what the synthesizer predicts
         boundary.target = target
         to_component = true_grad if boundary.use_true_gradient else prediction.detach() / batch
         to_synthesizer = None
@@ -233,8 +234,7 @@ class DNI(ChainRule):
         self.awaiting = dict(state.get("awaiting", {}))
 
     def held_bytes(self) -> int:
-        tensors = [t for kept in self.awaiting.values() for t in kept.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(self.awaiting)  # each storage once: boundaries share the labels
 
     def after_backward(self, node: Node, b: Boundary) -> None:
         """Record the boundary's metrics; scale the synthetic update the component applies."""
