@@ -10,9 +10,13 @@ Runs, one after another on this machine, the same MNIST MLP split in K=2 compone
   dist local   free mode: no gradient crosses a link
   dist mach_seq  free mode: the consumer steps with its student's imitation when the
                producer's embedding is not there yet (the share of such steps: "late inputs")
+  sim delayed / local / mach_seq (simulated)   the simulator's prediction of the same runs: one
+               process, timed by `time/sim_step_ms` (simulated parallel time, one device per
+               component), so real and simulated time-to-accuracy sit side by side
 Each dist process gets cpu_count // 2 threads, so every run has the machine's threads in all.
 Training time is the sum of the measured step times (time/step_ms, time/real_step_ms_c<i> of
-the process holding the logits), so start-up and evaluation are left out of every run alike.
+the process holding the logits; time/sim_step_ms for the simulated runs), so start-up and
+evaluation are left out of every run alike.
 Printed per run: steps/s, training seconds, the time at which the windowed training accuracy
 first reached --target, its ratio to sim sync's, the final val/acc, each process's waiting share,
 the mean staleness measured, and the share of steps a MACH consumer took without its input.
@@ -39,6 +43,9 @@ RUNS = {
     "dist delayed": ("topology.name=delayed", "runtime.name=dist", "runtime.mode=free"),
     "dist local": ("topology.name=local", "runtime.name=dist", "runtime.mode=free"),
     "dist mach_seq": ("topology.name=mach_seq", "runtime.name=dist", "runtime.mode=free"),
+    "sim delayed (simulated)": ("topology.name=delayed", "simtime.enabled=true"),
+    "sim local (simulated)": ("topology.name=local", "simtime.enabled=true"),
+    "sim mach_seq (simulated)": ("topology.name=mach_seq", "simtime.enabled=true"),
 }
 
 
@@ -85,7 +92,12 @@ def curve(run_dir: Path) -> list[tuple[float, float]]:
     for r in rows:
         step = int(float(r["step"]))
         keys = [k for k in r if k.startswith("time/real_step_ms_c") and r[k]]
-        step_ms = max(float(r[k]) for k in keys) if keys else float(r["time/step_ms"])
+        if r.get("time/sim_step_ms"):  # a simulated run: its modelled parallel step
+            step_ms = float(r["time/sim_step_ms"])
+        elif keys:
+            step_ms = max(float(r[k]) for k in keys)
+        else:
+            step_ms = float(r["time/step_ms"])
         seconds += step_ms / 1000 * (step - last_step)
         last_step = step
         points.append((seconds, float(r["train/acc"])))
@@ -116,7 +128,13 @@ def plot(results: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, r in results.items():
         xs, ys = zip(*r["val_curve"]) if r["val_curve"] else ((), ())
-        ax.plot(xs, ys, marker="o", linestyle="--" if name.startswith("sim") else "-", label=name)
+        ax.plot(
+            xs,
+            ys,
+            marker="o",
+            linestyle=":" if "simulated" in name else "--" if name.startswith("sim") else "-",
+            label=name,
+        )
     ax.set_xlabel("training wall time (s): the sum of measured step times")
     ax.set_ylabel("val/acc (each epoch's end)")
     ax.set_title(title, fontsize=9)

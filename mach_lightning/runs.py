@@ -328,6 +328,8 @@ def make_wandb_logger(cfg: DictConfig, run_dir: Path):
         print(f"W&B: offline run under {run_dir / 'wandb'} (upload later with `wandb sync`)")
     run_id = wandb_run_id(cfg.name, run_dir)
     w = cfg.logger.wandb
+    if cfg.runtime.name == "dist":  # one panel section per component process (panels.py)
+        from mach_lightning.panels import ComponentPanelsWandbLogger as WandbLogger
     return WandbLogger(
         name=f"{cfg.name}/{run_dir.name}",
         id=run_id,

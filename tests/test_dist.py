@@ -203,6 +203,11 @@ def test_a_hung_component_is_named_within_the_timeout(tmp_path):
     [
         ("runtime.mode=free runtime.queue=0", "runtime.queue must be at least 1"),
         ("runtime.mode=free runtime.sleep_ms=[1,2,3,4]", "runtime.sleep_ms has 4 entries"),
+        (
+            "topology.name=dni model.num_components=2 runtime.synthesizer=oracle "
+            "runtime.sleep_ms=[0,0,0,0]",
+            "runtime.sleep_ms has 4 entries for 3 processes",
+        ),
         ("runtime.mode=often", "Valid choices: lockstep, free"),
         ("trainer.precision=bf16-mixed", "trainer.precision=bf16-mixed is for the simulator"),
         ("trainer.devices=2", "trainer.devices=2 is for the simulator"),
@@ -304,6 +309,40 @@ def test_free_dni_steps_on_its_synthesizer_and_regresses_when_the_true_gradient_
         assert result["status"] == "finished" and result["step"] == 40
         assert result["val/acc"] > 0.2  # digits: chance is 0.1
         assert 0 < result["synth/loss_b0"] and -1 <= result["synth/cos_b0"] <= 1
+
+
+@pytest.mark.slow
+def test_lockstep_synthesizers_in_processes_of_their_own_equal_the_golden(tmp_path):
+    """runtime.synthesizer=oracle, K=3: 3 component processes and 2 synthesizer processes run
+    the simulator's dni maths, step for step."""
+    result = run_fit(dist_cfg(tmp_path, "topology.name=dni", "model.num_components=3",
+                              "runtime.synthesizer=oracle"))  # fmt: skip
+    assert_matches_golden("dni", column(read_metrics(result["run_dir"]), "train/loss"))
+    assert len(list((Path(result["run_dir"]) / "components").glob("c*/pid"))) == 5
+
+
+@pytest.mark.slow
+def test_free_dni_with_its_synthesizer_in_a_process_of_its_own(tmp_path):
+    """The reference's three processes: input half (c0), output half (c1), the synthesizer (c2).
+    Only c2 holds and trains the synthesizer, regressing on the true gradients c1 sends it; c0
+    waits for its synthetic gradient every step, so a slow synthesizer process sets its pace."""
+    runs = {"even": (), "slow synthesizer": ("runtime.sleep_ms=[0,0,30]",)}
+    results = {
+        name: free_delayed(tmp_path / name.replace(" ", "_"), "topology.name=dni",
+                           "runtime.synthesizer=oracle", *extra)
+        for name, extra in runs.items()
+    }  # fmt: skip
+    for result in results.values():
+        assert result["status"] == "finished" and result["step"] == 40
+        assert result["val/acc"] > 0.2 and 0 < result["synth/loss_b0"]
+        assert sum(staleness_hist(result, 0).values()) == pytest.approx(39, abs=1)
+    assert results["slow synthesizer"]["time/real_step_ms_c0"] > 25
+    components = result_dir(tmp_path / "slow_synthesizer") / "components"
+    weights = {c: torch.load(components / c / "weights.pt")["state"] for c in ("c0", "c1", "c2")}
+    assert all(k.startswith("synthesizers.0.") for k in weights["c2"])
+    assert not any(k.startswith("synthesizers.") for k in [*weights["c0"], *weights["c1"]])
+    c2 = read_metrics(components / "c2")
+    assert column(c2, "synth/loss_b0") and column(c2, "diag/staleness_c0")
 
 
 def free_mach(tmp_path, *extra: str) -> dict:

@@ -299,3 +299,46 @@ def test_one_backward_per_step_runs_under_plain_ddp(tmp_path, name, delay):
     flags = [f"topology.name={name}", f"staleness.k={delay}", *SMALL, *DDP_FLAGS]
     proc = fit_cli(*flags, f"run.root={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [("synth.scale=0.5",), ("synth.warmup_steps=2",), ("topology.name=cdni", "synth.scale=2")],
+)
+@pytest.mark.parametrize("delay", [0, 1, 2])
+def test_synthesizers_on_their_own_nodes_compute_what_they_compute_in_their_components(
+    tmp_path, delay, extra
+):
+    """runtime.synthesizer=oracle moves synthesizer b to node K + b, between components b and
+    b + 1 (in dist, a process of its own): every gradient, of every component and synthesizer,
+    is the one the synthesizer gives inside its component's node, at every delay, in warm-up,
+    with synth.scale, and for cdni."""
+    name = next((e.split("=")[1] for e in extra if e.startswith("topology.name")), "dni")
+    rest = [e for e in extra if not e.startswith("topology.name")]
+    inside, inside_driver = make_dni(tmp_path / "in", *rest, name=name)
+    apart, apart_driver = make_dni(tmp_path / "apart", "runtime.synthesizer=oracle", *rest,
+                                   name=name)  # fmt: skip
+    assert [n.index for n in apart.nodes()] == [0, 3, 1, 4, 2]
+    assert apart.links() == [(0, 3), (3, 1), (1, 4), (4, 2)]
+    assert {apart.process_of(n.index) for n in apart.nodes()} == set(range(5))
+    assert [apart.component_of(i) for i in (3, 4)] == [0, 1]
+    assert all("synthesizer" not in n.modules for n in apart.nodes() if n.index < 3)
+    for step in range(4):
+        run_step(inside, inside_driver, step, delay)
+        run_step(apart, apart_driver, step, delay)
+        for (key, a), b in zip(inside.components.named_parameters(), apart.components.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, msg=f"step {step}: components.{key}")
+        for (key, a), b in zip(
+            inside.synthesizers.named_parameters(), apart.synthesizers.parameters()
+        ):
+            torch.testing.assert_close(b.grad, a.grad, msg=f"step {step}: synthesizers.{key}")
+    assert inside.awaiting.keys() == apart.awaiting.keys()
+    assert len(apart.awaiting) == (2 * delay if delay else 0)
+
+
+def test_oracle_synthesizers_are_refused_where_there_are_none(tmp_path):
+    from mach_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"runtime.synthesizer=oracle .* topology.name=delayed"):
+        load_config(None, tiny_overrides(tmp_path, "topology.name=delayed",
+                                         "runtime.synthesizer=oracle"))  # fmt: skip

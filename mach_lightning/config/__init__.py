@@ -81,6 +81,7 @@ CHOICES: dict[str, Callable[[], list[str]]] = {
     "trainer.accelerator": lambda: ["auto", "cpu", "gpu", "cuda", "mps"],
     "runtime.name": lambda: ["sim", "dist"],
     "runtime.mode": lambda: ["lockstep", "free"],
+    "runtime.synthesizer": lambda: ["component", "oracle"],
 }
 
 

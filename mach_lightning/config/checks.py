@@ -147,14 +147,23 @@ def validate_runtime(cfg: DictConfig) -> None:
     r, t = cfg.runtime, cfg.trainer
     if r.timeout_s <= 0:
         raise ConfigError(f"runtime.timeout_s must be positive seconds, got {r.timeout_s}.")
+    oracle = r.get("synthesizer", "component") == "oracle"
+    if oracle and cfg.topology.name not in ("dni", "cdni"):
+        raise ConfigError(
+            f"runtime.synthesizer=oracle gives DNI's gradient synthesizers processes of their "
+            f"own; topology.name={cfg.topology.name} has none: use topology.name=dni or cdni, "
+            "or drop runtime.synthesizer."
+        )
     if r.name != "dist":
         return
     if r.mode == "free":
         validate_free(cfg)
-    if len(r.sleep_ms) > int(cfg.model.num_components):
+    k = int(cfg.model.num_components)
+    processes = 2 * k - 1 if oracle else k  # the oracle's: one per boundary besides
+    if len(r.sleep_ms) > processes:
         raise ConfigError(
-            f"runtime.sleep_ms has {len(r.sleep_ms)} entries for "
-            f"{cfg.model.num_components} component processes: give one per process (or fewer)."
+            f"runtime.sleep_ms has {len(r.sleep_ms)} entries for {processes} processes: give "
+            "one per process (or fewer)."
         )
     if any(float(ms) < 0 for ms in r.sleep_ms):
         raise ConfigError(f"runtime.sleep_ms are milliseconds per step (>= 0), got {r.sleep_ms}.")

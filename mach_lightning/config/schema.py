@@ -97,6 +97,9 @@ class RuntimeConfig:
     # same maths as sim, step for step) | free (nobody waits longer than its method requires;
     # every method; staleness is measured, not scheduled)
     mode: str = "lockstep"
+    # dni/cdni: component (each synthesizer in its component's node and process) | oracle (each
+    # synthesizer a node of its own, between its component and the next: in dist, its own process)
+    synthesizer: str = "component"
     queue: int = 2  # free: sends in flight per link before a sender waits for its receiver
     # dist: per process, milliseconds slept each step (a straggler on purpose); [] for none
     sleep_ms: list[float] = field(default_factory=list)

@@ -14,6 +14,7 @@ What a runtime may ask a rule besides `node_step`:
   eval_logits(x)   the logits to evaluate: "main" (the full model) and "c{i}" per component head
   reads_input(i)   whether node i reads the data input
   state_dict       in-flight state beyond the nodes' stored forwards (e.g. replay buffers)
+  component_of     the component a node's diagnostics count under
   end_step         once per step, after every node's backward: forget what nothing can reach
 Facts for simulated time are plain attributes: `parallel`, `messages_per_link`, `extra_forwards`.
 """
@@ -80,6 +81,10 @@ class Rule:
         """The process that runs node `index`: its component's (nodes sharing a component share
         its process, since they train the same weights)."""
         return index
+
+    def component_of(self, index: int) -> int:
+        """The component node `index`'s diagnostics count under (diag/staleness_c{i})."""
+        return self.process_of(index)
 
     def links(self) -> list[tuple[int, int]]:
         """The (sender, receiver) node pairs forward messages travel, senders stepping first;

@@ -63,7 +63,10 @@ def run_components(cfg, run_dir: Path, rule, resume: int | None = None) -> DistR
     procs = [_start(run_dir, rank, world, address, resume) for rank in range(world)]
     if resume is not None:
         print(f"dist: resuming every component process from step {resume}", flush=True)
-    print(f"dist: {world} component processes (logs: {run_dir}/components/c*/log.txt)", flush=True)
+    k = int(cfg.model.num_components)
+    extra = f", c{k}-c{world - 1} the synthesizers'" if world > k else ""  # synthesizer=oracle
+    print(f"dist: {world} processes (c0-c{k - 1} the components'{extra}; logs: "
+          f"{run_dir}/components/c*/log.txt)", flush=True)  # fmt: skip
     try:
         _watch(procs, run_dir, float(r.timeout_s), Progress(store, world, cfg.trainer.max_steps))
     finally:

@@ -104,7 +104,7 @@ class LockstepProcess:
         due = self.in_flight.take_due(t, i)
         for m in due:  # measured from the headers: the batch a gradient is of, applied now
             if m.kind == GRADIENT:
-                self.staleness.record(self.process[i], t - m.batch)
+                self.staleness.record(self.rule.component_of(i), t - m.batch)
         inbox = Inbox(
             batch=t,
             x=x if self.rule.reads_input(i) else None,

@@ -24,6 +24,9 @@ on it then, from the activation and labels the rule kept for that batch (`awaiti
 checkpointed). So no node ever waits for a true gradient it does not need now, in any runtime.
 During warm-up a late boundary stays live, and its target goes as a TARGET message from node i
 to itself, due d_i steps later.
+`runtime.synthesizer=oracle`: synthesizer b is node K + b (in dist, a process, as the reference's
+gradient oracle was), between components b and b + 1: h_b reaches it live, and it runs boundary b
+there (`boundary_step`). Every gradient is the same as with the synthesizer inside component b.
 Per-boundary metrics:
   synth/loss_b{i}  regression loss at boundary i;  synth/cos_b{i}  cosine between the synthetic and
   the true gradient of the same batch;  diag/staleness_c{i}  the age of synthesizer i's targets.
@@ -124,6 +127,8 @@ class DNI(ChainRule):
             )
         super().__init__(cfg, input_shape, num_classes)
         self.warmup_steps, self.scale = int(cfg.synth.warmup_steps), float(cfg.synth.scale)
+        # runtime.synthesizer=oracle: each synthesizer is a node (a process) of its own
+        self.oracle = cfg.runtime.get("synthesizer", "component") == "oracle"
         # (node, batch) -> a decoupled boundary's activation, labels and synthetic gradient,
         # until the true gradient of that batch comes back
         self.awaiting: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -142,10 +147,26 @@ class DNI(ChainRule):
         return {"components": self.components, "synthesizers": self.synthesizers}
 
     def make_node(self, i: int) -> Node:
-        if i == len(self.synthesizers):  # the last component: no boundary after it
+        if i == len(self.synthesizers) or self.oracle:  # no synthesizer in this node
             return Node(i, {"component": self.components[i]}, optimizers=[i])
         modules = {"component": self.components[i], "synthesizer": self.synthesizers[i]}
         return Node(i, modules, optimizers=[i, len(self.components) + i])
+
+    def nodes(self) -> list[Node]:
+        """runtime.synthesizer=oracle: synthesizer b is node K + b, stepping between components b
+        and b + 1 (the chain c0, s0, c1, s1, ...), so a runtime with one process per node gives
+        each synthesizer a process of its own."""
+        if not hasattr(self, "_nodes"):
+            k, nodes = len(self.components), super().nodes()
+            if self.oracle:
+                for b, synthesizer in reversed(list(enumerate(self.synthesizers))):
+                    synth = Node(k + b, {"synthesizer": synthesizer}, optimizers=[k + b])
+                    nodes.insert(b + 1, synth)
+        return self._nodes
+
+    def component_of(self, index: int) -> int:
+        """Synthesizer b's node counts under component b (diag/staleness_c{b}: its targets' age)."""
+        return index if index < len(self.components) else index - len(self.components)
 
     def optimizer_groups(self):
         # Components use optim.*; synthesizers their own optimizer at synth.lr: a regression
@@ -163,31 +184,45 @@ class DNI(ChainRule):
     def node_step(self, node: Node, inbox: Inbox) -> Outbox:
         """Component i updates with batch t now; its synthesizer regresses on the true gradients
         that arrive: batch t's inside this backward (delay 0), earlier batches' as messages."""
-        i, t = node.index, inbox.batch
+        i, t, k = node.index, inbox.batch, len(self.components)
+        if i >= k:  # runtime.synthesizer=oracle: synthesizer i - k's own node
+            out = Outbox(i, stepped=True, ages=[])
+            self.boundary_step(node, out, inbox.one(ACTIVATION, t), inbox, i - k)
+            return out
         out = Outbox(i, applied=[t], ages=[])  # ages: of the targets the synthesizer learns from
         h = node.component(inbox.x if i == 0 else inbox.one(ACTIVATION, t))
         if self.is_last(node):
             out.logits, out.logits_loss = h, F.cross_entropy(h, inbox.y)
             out.add_loss(out.logits_loss)
             return out
-        delay = inbox.delays[i]
-        prediction = self.synthetic_gradient(i, h.detach(), inbox.y)
+        if self.oracle:  # h goes live to the synthesizer's node; its gradient is the synthetic one
+            out.send(k + i, h, t)
+        else:
+            self.boundary_step(node, out, h, inbox, i)
+        if self.scale != 1.0 and inbox.step >= self.warmup_steps:
+            out.after_backward.append(lambda: self.scale_update(node))
+        return out
+
+    def boundary_step(self, node: Node, out: Outbox, h, inbox: Inbox, b: int) -> None:
+        """Boundary b on batch t: the synthetic gradient for h (live or decoupled), and the
+        synthesizer's regression on whatever true gradients have come back."""
+        t, delay = inbox.batch, inbox.delays[b]
+        prediction = self.synthetic_gradient(b, h.detach(), inbox.y)
         warmup = inbox.step < self.warmup_steps
-        boundary = Boundary(i, h.detach(), prediction.detach(), warmup, regress_now=delay == 0)
+        boundary = Boundary(b, h.detach(), prediction.detach(), warmup, regress_now=delay == 0)
         if delay == 0 or warmup:  # the true gradient is needed inside this backward
             self.live_boundary(out, h, prediction, boundary, inbox, delay)
         else:
             self.decoupled_boundary(out, h, boundary, inbox, delay)
         for message in inbox.take(TARGET):  # live boundaries' targets of earlier batches
-            self.learn(node, out, message, message.context, t)
+            self.learn(b, node, out, message, message.context, t)
         for message in inbox.take(GRADIENT):  # decoupled boundaries' true gradients
-            kept = self.awaiting.pop((i, message.batch))
-            self.learn(node, out, message, kept, t)
-            self.record_cosine(node, kept["prediction"], per_example(message.tensor))
+            kept = self.awaiting.pop((b, message.batch))
+            self.learn(b, node, out, message, kept, t)
+            self.record_cosine(node, b, kept["prediction"], per_example(message.tensor))
         if not out.ages:  # nothing to learn from: zero, but plain DDP sees every parameter used
             out.add_loss(sum(0.0 * p.sum() for p in node.modules["synthesizer"].parameters()))
-        out.after_backward.append(lambda: self.after_backward(node, boundary))
-        return out
+        out.after_backward.append(lambda: self.boundary_metrics(node, boundary))
 
     def live_boundary(self, out, h, prediction, boundary: Boundary, inbox, delay: int) -> None:
         """h goes on through SyntheticBoundary, live: the successor's backward reaches it in this
@@ -201,7 +236,7 @@ class DNI(ChainRule):
         else:  # the true gradient reaching the link: this node's target, due `delay` steps later
             link.retain_grad()
             context = {"activation": boundary.activation, "labels": inbox.y}
-            out.returns.append(Return(link, i, i, t, delay, TARGET, context))
+            out.returns.append(Return(link, out.sender, out.sender, t, delay, TARGET, context))
 
     def decoupled_boundary(self, out, h, boundary: Boundary, inbox, delay: int) -> None:
         """A late true gradient need not flow through this step's backward: the component
@@ -217,9 +252,8 @@ class DNI(ChainRule):
             "prediction": boundary.prediction,
         }  # fmt: skip
 
-    def learn(self, node: Node, out: Outbox, message: Message, inputs: dict, t: int) -> None:
+    def learn(self, i: int, node: Node, out: Outbox, message: Message, inputs: dict, t: int):
         """Synthesizer i regresses on a late true gradient (dL/dh as the backward left it)."""
-        i = node.index
         prediction = self.synthetic_gradient(i, inputs["activation"], inputs["labels"])
         regression = synthesizer_loss(prediction, per_example(message.tensor))
         node.meter.add(f"synth/loss_b{i}", regression)
@@ -236,21 +270,23 @@ class DNI(ChainRule):
     def held_bytes(self) -> int:
         return tensor_bytes(self.awaiting)  # each storage once: boundaries share the labels
 
-    def after_backward(self, node: Node, b: Boundary) -> None:
-        """Record the boundary's metrics; scale the synthetic update the component applies."""
+    def boundary_metrics(self, node: Node, b: Boundary) -> None:
+        """After the backward: the regression loss and cosine of a live boundary's batch."""
         if b.regress_now:
             node.meter.add(f"synth/loss_b{b.index}", synthesizer_loss(b.prediction, b.target))
         if b.target is not None:  # a live boundary's: recorded by this backward
-            self.record_cosine(node, b.prediction, b.target)
-        if self.scale != 1.0 and not b.use_true_gradient:
-            for p in node.component.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(self.scale)
+            self.record_cosine(node, b.index, b.prediction, b.target)
 
-    def record_cosine(self, node: Node, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        """synth/cos_b{i}: the synthetic gradient against the true one, of the same batch."""
+    def scale_update(self, node: Node) -> None:
+        """synth.scale: the synthetic update component i applies to its weights, scaled."""
+        for p in node.component.parameters():
+            if p.grad is not None:
+                p.grad.mul_(self.scale)
+
+    def record_cosine(self, node: Node, b: int, prediction, target: torch.Tensor) -> None:
+        """synth/cos_b{b}: the synthetic gradient against the true one, of the same batch."""
         cos = F.cosine_similarity(prediction.flatten(), target.flatten(), dim=0, eps=1e-30)
-        node.meter.add(f"synth/cos_b{node.index}", cos)
+        node.meter.add(f"synth/cos_b{b}", cos)
 
 
 def per_example(gradient: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from mach_lightning.config import migrate_legacy_keys
+from mach_lightning.panels import simulator_metrics
 from mach_lightning.report.files import flatten
 from mach_lightning.report.load import FINISHED, ReportError, Run
 
@@ -71,12 +72,17 @@ def from_wandb_run(wrun, entity: str, project: str) -> Run:
     """A public-API run as a report Run: config, full history, summary as the result."""
     config = {k: v for k, v in dict(wrun.config).items() if not k.startswith("_")}
     config = flatten(migrate_legacy_keys(config))  # a run logged before the method sections
+    dist = config.get("runtime.name") == "dist"  # its W&B names: a section per component
     history = [numeric(row) for row in wrun.scan_history()]
+    if dist:
+        history = [simulator_metrics(row) for row in history]
     for row in history:  # WandbLogger logs the batch step as trainer/global_step
         if "step" not in row and STEP in row:
             row["step"] = row[STEP]
     state = FINISHED if wrun.state == "finished" else str(wrun.state)
     result = numeric(dict(wrun.summary)) if state == FINISHED else None
+    if dist and result is not None:
+        result = simulator_metrics(result)
     created = getattr(wrun, "created_at", None)
     try:
         mtime = datetime.fromisoformat(str(created).replace("Z", "+00:00")).timestamp()

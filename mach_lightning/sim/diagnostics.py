@@ -150,6 +150,8 @@ class GradientProbe:
         """Call after the optimizer steps: p.grad holds what each component applied."""
         out = {}
         for i in sorted(applied):
+            if i >= len(components):  # a node without a component (a DNI oracle's synthesizer)
+                continue
             params = backbone_params(components[i])
             if any(p.grad is None for p in params):
                 continue

@@ -46,7 +46,7 @@ def train_step(module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tens
             optimizer.step()
         if diagnostics is not None:
             for age in out.ages if out.ages is not None else [step - b for b in out.applied]:
-                diagnostics.staleness.record(node.index, age)
+                diagnostics.staleness.record(module.rule.component_of(node.index), age)
     if measured is not None:
         diagnostics.probe_metrics = probe.compare(measured, module.components, applied)
     if probe is not None:
