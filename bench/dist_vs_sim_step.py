@@ -10,7 +10,9 @@ For `sync` and `delayed`, the same config runs through both runtimes, one after 
   dist  runtime.name=dist, runtime.mode=free: one process per component, one thread each;
         time/real_step_ms_c<i> as measured, the slowest process's per window
 Printed: the medians over the logged windows (the first left out: start-up) and real/sim
-(target: within 20%). Each --latency-us value gives the simulator another link latency, so the
+(target: within 20%), each simulated both ways: forward and backward only (the default), and
+with each component's optimizer step timed too (simtime.optimizer_step=true). Each
+--latency-us value gives the simulator another link latency, so the
 table shows how much of a gap is the link: the default 10 us is an accelerator link; gloo
 between two processes here is nearer 200 us one way (../shared/notes: 0.35-0.48 ms a round trip).
 """
@@ -63,21 +65,28 @@ def main() -> None:
                            (*common, "runtime.name=dist", "runtime.mode=free"))  # fmt: skip
             real = median_step_ms(real_dir, "time/real_step_ms_c")
             for latency in args.latency_us:
-                print(f"running {method}: sim, link latency {latency:g} us ...", flush=True)
-                sim_extra = (
-                    *common,
-                    "simtime.enabled=true",
-                    "simtime.measure_threads=1",
-                    f"simtime.link_latency_us={latency}",
-                )
-                sim_dir = fit(Path(tmp), f"sim {method} {latency:g}", args, sim_extra)
-                sim = median_step_ms(sim_dir, "time/sim_step_ms")
-                rows.append((method, latency, real, sim))
+                for optimizer in ("false", "true"):
+                    what = f"link latency {latency:g} us, optimizer step timed: {optimizer}"
+                    print(f"running {method}: sim, {what} ...", flush=True)
+                    sim_extra = (
+                        *common,
+                        "simtime.enabled=true",
+                        "simtime.measure_threads=1",
+                        f"simtime.link_latency_us={latency}",
+                        f"simtime.optimizer_step={optimizer}",
+                    )
+                    name = f"sim {method} {latency:g} {optimizer}"
+                    sim = median_step_ms(fit(Path(tmp), name, args, sim_extra), "time/sim_step_ms")
+                    rows.append((method, latency, optimizer, real, sim))
     print(f"\nMNIST MLP, K=2, {args.epochs} epoch(s), {' '.join(args.set) or 'defaults'}")
-    print("| method | sim link latency us | real step ms (dist) | sim step ms | real/sim |")
-    print("|---|---|---|---|---|")
-    for method, latency, real, sim in rows:
-        print(f"| {method} | {latency:g} | {real:.2f} | {sim:.2f} | {real / sim:.2f} |")
+    print(
+        "| method | sim link latency us | sim times the optimizer step | real step ms (dist) "
+        "| sim step ms | real/sim |"
+    )
+    print("|---|---|---|---|---|---|")
+    for method, latency, optimizer, real, sim in rows:
+        print(f"| {method} | {latency:g} | {optimizer} | {real:.2f} | {sim:.2f} | "
+              f"{real / sim:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ def linked_peer(*mode: str, timeout_s: float = 20.0, store=None):
 
 def test_bundles_of_changing_sizes_and_a_large_header_come_back_whole():
     shapes = [(4, 8), (4, 8), (2, 3), (4, 8), (16, 16)]  # same, same, smaller, back, larger
-    sent = [[torch.randn(*s), torch.arange(5)] for s in shapes]
+    # numpy copies most dtypes into the bundle; bfloat16 (numpy has none) goes through torch
+    extra = [torch.randn(3).bfloat16(), torch.tensor(2.5), torch.tensor([True, False])]
+    sent = [[torch.randn(*s), torch.arange(5), *extra] for s in shapes]
     big = {"note": "x" * (3 * HEADER_SLOT)}  # a header larger than the least slot
     with linked_peer("echo", str(len(shapes))) as link:
         for i, tensors in enumerate(sent):
@@ -77,7 +79,8 @@ def test_bundles_of_changing_sizes_and_a_large_header_come_back_whole():
             header, back = link.recv_bundle(5)
             given = big if i == 2 else {"i": i}
             assert {key: header[key] for key in given} == given
-            assert [torch.equal(t, e) for t, e in zip(back, tensors)] == [True, True]
+            assert [t.dtype for t in back] == [e.dtype for e in tensors]
+            assert [torch.equal(t, e) for t, e in zip(back, tensors)] == [True] * 5
         link.flush()
         assert link.stats.messages == len(shapes) and link.stats.bytes > 0
 

@@ -160,3 +160,36 @@ def test_simtime_config_keys_are_checked():
     for bad in ("flops_per_s=0", "remeasure_every_n_steps=-1", "measure_threads=-1"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config(None, [f"simtime.{bad}"])
+
+
+def test_optimizer_steps_are_timed_per_component_and_leave_no_trace(tmp_path):
+    """simtime.optimizer_step: each component's optimizer step, timed on copies of its
+    parameters, joins its forward and backward in the simulated step; the run's weights,
+    optimizer state and random numbers are untouched."""
+    from mach_lightning.sim import create_topology
+    from mach_lightning.sim.step import measure
+
+    from .conftest import tiny_overrides
+
+    extra = ("topology.name=sync", "model.num_components=2", "model.width=256",
+             "simtime.optimizer_step=true", "simtime.measure_reps=3")  # fmt: skip
+    cfg = load_config(None, tiny_overrides(tmp_path, *extra))
+    module = create_topology(cfg, (1, 64, 64), 10)  # c0: 4096x256 weights; c1: 256x256, 256x10
+    x = torch.randn(BATCH, 1, 64, 64)
+    state, rng = copy.deepcopy(module.state_dict()), torch.get_rng_state()
+    clock = module.sim_clock
+    measure(clock, module, x, 0)
+    assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
+    assert all(p.grad is None for p in module.parameters())
+    assert torch.equal(rng, torch.get_rng_state())
+    assert len(clock.opt_ms) == 2 and clock.opt_ms[0] > 2 * clock.opt_ms[1] > 0  # ~12x the work
+    with_step = clock.step_ms(SimLayout(parallel=False))
+    timed = sum(clock.fwd_ms) + sum(clock.bwd_ms) + sum(clock.opt_ms) + 2 * clock.comm_ms(0)
+    assert with_step == pytest.approx(timed)
+    resumed = SimClock(cfg.simtime, [1.0, 1.0])
+    resumed.load_state_dict(copy.deepcopy(clock.state_dict()))
+    assert resumed.opt_ms == clock.opt_ms
+    cfg.simtime.optimizer_step = False  # off (the default): forward and backward only
+    without = SimClock(cfg.simtime, [1.0, 1.0])
+    without.load_state_dict(copy.deepcopy(clock.state_dict()))
+    assert without.opt_ms == [] and without.step_ms(SimLayout(parallel=False)) < with_step

@@ -84,6 +84,9 @@ class SimTimeConfig:
     measure_reps: int = 20  # short timed rounds per measurement, all components in turn; the
     # fastest counts (other processes only ever add time)
     measure_threads: int = 1  # torch threads while timing, restored after (0: as training's)
+    # cost=measured: time each component's optimizer step too (on copies of its parameters), as
+    # a real device takes it; off: forward and backward only, as simulated times so far were
+    optimizer_step: bool = False
     link_latency_us: float = 10.0  # latency of one message between devices, microseconds
     link_bandwidth_gbs: float = 16.0  # link bandwidth between devices, GB/s
 

@@ -50,8 +50,8 @@ class LockstepProcess:
         # per outbound link to another process: the batches its receiver's latest answer said it
         # holds a stored forward of (a gradient may still come back for them); None: no answer
         self.remote_holds: dict[int, set[int] | None] = defaultdict(lambda: None)
-        # measured from the headers, per component (its process): the age of each gradient applied
-        self.staleness = StalenessTracker(1 + max(self.process.values()))
+        # measured from the headers, per component: the age of each gradient applied
+        self.staleness = StalenessTracker(1 + max(rule.component_of(n.index) for n in self.nodes))
 
     def local(self, node_index: int) -> bool:
         return self.process[node_index] == self.me
@@ -80,7 +80,9 @@ class LockstepProcess:
         flying = self.in_flight.receivers_and_batches()
 
         def keep(j: int, s: int) -> bool:
-            if not self.local(j) or (j, s) in flying:  # (another process's node stores nothing here)
+            if (
+                not self.local(j) or (j, s) in flying
+            ):  # (another process's node stores nothing here)
                 return True
             return any(self.receiver_holds(k, s) for k in self.outbound[j])
 

@@ -17,13 +17,15 @@ From these:
 
   f_i, b_i    forward and backward ms of component i (its auxiliary head included, if any),
               times its hardware slowdown s_i (the straggler schedule's factor, 1 otherwise)
+  o_i         its optimizers' step ms (with `simtime.optimizer_step`, measured cost only: timed on
+              copies of its parameters; else 0: the simulated times of earlier runs leave it out)
   comm_i      one message across link i (after component i): latency + bytes_i / bandwidth,
               bytes_i = the size of component i's output for one batch
 
   chain (sync backprop, one device per component, each waiting for the others):
-      step = sum_i (f_i + b_i) + sum_{i<K-1} messages * comm_i
+      step = sum_i (f_i + b_i + o_i) + sum_{i<K-1} messages * comm_i
   parallel (decoupled: every device works on its own batch at the same time):
-      step = max_i rate_i * ((1 + extra_forwards) f_i + b_i) + max_{i<K-1} messages * comm_i
+      step = max_i rate_i * ((1 + extra_forwards) f_i + b_i + o_i) + max_{i<K-1} messages * comm_i
 
 `messages` is 2 per link when both activations and gradients cross it (sync, delayed), 1 when only
 activations do (local). `extra_forwards` counts recomputed forwards (grad_mode=recompute: 1).
@@ -49,7 +51,9 @@ from mach_lightning.sim.simtime_measure import (
     Work,
     chain_work,
     count_flops,
+    optimizer_step,
     side_effect_free,
+    time_optimizer_steps,
     time_works,
 )
 
@@ -80,12 +84,16 @@ class SimClock:
         self.every = int(get("remeasure_every_n_steps", 5000))
         self.reps = int(get("measure_reps", 20))
         self.threads = int(get("measure_threads", 1))
+        # measured cost: each component's optimizer step too (FLOPs count none of it)
+        self.times_optimizers = bool(get("optimizer_step", False)) and self.cost == "measured"
         self.latency_ms = float(get("link_latency_us", 10.0)) / 1000.0
         self.bytes_per_ms = float(get("link_bandwidth_gbs", 16.0)) * 1e9 / 1000.0
         self.slowdowns = list(slowdowns)
         self.samples: list[tuple[list[float], list[float]]] = []  # (fwd_ms, bwd_ms) per measurement
         self.fwd_ms: list[float] = []  # the estimate in use: medians over samples
         self.bwd_ms: list[float] = []
+        self.opt_samples: list[list[float]] = []  # optimizer ms per component, per measurement
+        self.opt_ms: list[float] = []  # their medians (empty: not timed)
         self.out_bytes: list[int] = []
         self.measured_at = -1  # batch step of the latest measurement
         self.elapsed_ms, self.last_step_ms = 0.0, 0.0
@@ -131,10 +139,21 @@ class SimClock:
         self._combine()
         self.measured_at = step
 
+    def measure_optimizers(
+        self, module: nn.Module, groups: list[list[tuple]], device, step: int = 0
+    ) -> None:
+        """Time each component's optimizer steps: groups[i] holds component i's (parameters,
+        optim config) pairs. Call after measure/measure_work, at the same step."""
+        with side_effect_free(module, device):
+            steps = [[optimizer_step(params, cfg) for params, cfg in group] for group in groups]
+            self.opt_samples.append(time_optimizer_steps(steps, device, self.reps, self.threads))
+        self._combine()
+
     def _combine(self) -> None:
         # Median per component over all measurements: robust to one taken under a load burst.
         self.fwd_ms = [statistics.median(c) for c in zip(*(f for f, _ in self.samples))]
         self.bwd_ms = [statistics.median(c) for c in zip(*(b for _, b in self.samples))]
+        self.opt_ms = [statistics.median(c) for c in zip(*self.opt_samples)]
 
     def comm_ms(self, link: int) -> float:
         return self.latency_ms + self.out_bytes[link] / self.bytes_per_ms
@@ -142,14 +161,17 @@ class SimClock:
     def step_ms(self, layout: SimLayout) -> float:
         k = len(self.fwd_ms)
         links = [layout.messages_per_link * self.comm_ms(i) for i in range(k - 1)]
+        opt = self.opt_ms if len(self.opt_ms) == k else [0.0] * k
         if not layout.parallel:
-            compute = [(self.fwd_ms[i] + self.bwd_ms[i]) * self.slowdowns[i] for i in range(k)]
+            compute = [
+                (self.fwd_ms[i] + self.bwd_ms[i] + opt[i]) * self.slowdowns[i] for i in range(k)
+            ]
             return sum(compute) + sum(links)
         rates = layout.rates or [1.0] * k
         compute = [
             rates[i]
             * self.slowdowns[i]
-            * ((1.0 + layout.extra_forwards) * self.fwd_ms[i] + self.bwd_ms[i])
+            * ((1.0 + layout.extra_forwards) * self.fwd_ms[i] + self.bwd_ms[i] + opt[i])
             for i in range(k)
         ]
         return max(compute) + max(links, default=0.0)
@@ -177,6 +199,7 @@ class SimClock:
             "bwd_ms": self.bwd_ms,
             "out_bytes": self.out_bytes,
             "elapsed_ms": self.elapsed_ms,
+            "opt_samples": [list(o) for o in self.opt_samples],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -191,6 +214,9 @@ class SimClock:
         self.samples = [(list(f), list(b)) for f, b in samples]
         self.out_bytes = list(state.get("out_bytes", [])) if self.samples else []
         self.measured_at = int(state.get("measured_at", 0)) if self.samples else -1
+        self.opt_samples = [list(o) for o in state.get("opt_samples", [])] if self.samples else []
+        if not self.times_optimizers:
+            self.opt_samples = []
         self.fwd_ms, self.bwd_ms = [], []
         if self.samples:
             self._combine()

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
 
+from mach_lightning.core.blocks import build_optimizer
 from mach_lightning.core.weights import frozen_buffers
 
 
@@ -134,6 +135,35 @@ def time_works(
                 fwd.append(_round_s(work.forward, clock, count))
                 bwd.append(_round_s(_backward(work), clock, count))
     return [(1e3 * min(f), 1e3 * min(b)) for f, b in samples]
+
+
+def optimizer_step(params: list[nn.Parameter], optim_cfg) -> Callable[[], object] | None:
+    """One step of an optimizer like the run's, over copies of `params` with random gradients
+    (its state initialised by a first step), so the run's own weights and state are only read;
+    None when nothing trains."""
+    copies = [p.detach().clone().requires_grad_() for p in params if p.requires_grad]
+    if not copies:
+        return None
+    for copy in copies:
+        copy.grad = torch.randn_like(copy)
+    optimizer = build_optimizer(copies, optim_cfg)
+    optimizer.step()
+    return optimizer.step
+
+
+def time_optimizer_steps(
+    steps: list[list[Callable[[], object] | None]], device: torch.device, rounds: int, threads: int
+) -> list[float]:
+    """ms per component: the sum over its optimizers of each one's fastest step (see time_works
+    for why the fastest)."""
+    with pinned_threads(threads) as count:
+        clock = _clock(device, count)
+        samples = [[[] for _ in fns] for fns in steps]
+        for _ in range(rounds):
+            for fns, times in zip(steps, samples):
+                for fn, seconds in zip(fns, times):
+                    seconds.append(_round_s(fn, clock, count))
+    return [1e3 * sum(min(s) for s in times) for times in samples]
 
 
 def count_flops(work: Work) -> tuple[int, int]:

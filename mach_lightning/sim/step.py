@@ -57,13 +57,19 @@ def train_step(module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tens
 
 def measure(clock, module, x: torch.Tensor, step: int) -> None:
     """Time (or count) each node's work for simulated time: the rule's own, or a chain."""
-    works = getattr(module.rule, "node_work", None)
+    rule = module.rule
+    works = getattr(rule, "node_work", None)
     if works is None:
         clock.measure(module.components, x, step)
-        return
-    clock.measure_work(
-        module, lambda: [Work(fn, params, size) for fn, params, size in works(x)], x.device, step
-    )
+    else:
+        build = lambda: [Work(fn, params, size) for fn, params, size in works(x)]  # noqa: E731
+        clock.measure_work(module, build, x.device, step)
+    if clock.times_optimizers:  # each component's optimizers: its nodes' (simtime.optimizer_step)
+        groups, per = rule.optimizer_groups(), [[] for _ in clock.fwd_ms]
+        for node in rule.nodes():
+            if rule.component_of(node.index) < len(per):
+                per[rule.component_of(node.index)].extend(groups[j] for j in node.optimizers)
+        clock.measure_optimizers(module, per, x.device, step)
 
 
 class StateFormatError(RuntimeError):
