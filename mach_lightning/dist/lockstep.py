@@ -37,6 +37,7 @@ class LockstepProcess:
         self.nodes = rule.nodes()
         position = {n.index: p for p, n in enumerate(self.nodes)}
         self.process = {n.index: rule.process_of(n.index) for n in self.nodes}  # asked once
+        self.component = {n.index: rule.component_of(n.index) for n in self.nodes}
         self.mine = [n for n in self.nodes if self.process[n.index] == me]
         self.node_links = rule.links()
         self.link_id = {pair: k for k, pair in enumerate(self.node_links)}
@@ -51,7 +52,7 @@ class LockstepProcess:
         # holds a stored forward of (a gradient may still come back for them); None: no answer
         self.remote_holds: dict[int, set[int] | None] = defaultdict(lambda: None)
         # measured from the headers, per component: the age of each gradient applied
-        self.staleness = StalenessTracker(1 + max(rule.component_of(n.index) for n in self.nodes))
+        self.staleness = StalenessTracker(1 + max(self.component.values()))
 
     def local(self, node_index: int) -> bool:
         return self.process[node_index] == self.me
@@ -80,9 +81,8 @@ class LockstepProcess:
         flying = self.in_flight.receivers_and_batches()
 
         def keep(j: int, s: int) -> bool:
-            if (
-                not self.local(j) or (j, s) in flying
-            ):  # (another process's node stores nothing here)
+            # (another process's node stores nothing here)
+            if not self.local(j) or (j, s) in flying:
                 return True
             return any(self.receiver_holds(k, s) for k in self.outbound[j])
 
@@ -106,7 +106,7 @@ class LockstepProcess:
         due = self.in_flight.take_due(t, i)
         for m in due:  # measured from the headers: the batch a gradient is of, applied now
             if m.kind == GRADIENT:
-                self.staleness.record(self.rule.component_of(i), t - m.batch)
+                self.staleness.record(self.component[i], t - m.batch)
         inbox = Inbox(
             batch=t,
             x=x if self.rule.reads_input(i) else None,

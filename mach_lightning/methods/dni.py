@@ -156,12 +156,13 @@ class DNI(ChainRule):
         """runtime.synthesizer=oracle: synthesizer b is node K + b, stepping between components b
         and b + 1 (the chain c0, s0, c1, s1, ...), so a runtime with one process per node gives
         each synthesizer a process of its own."""
-        if not hasattr(self, "_nodes"):
-            k, nodes = len(self.components), super().nodes()
-            if self.oracle:
-                for b, synthesizer in reversed(list(enumerate(self.synthesizers))):
-                    synth = Node(k + b, {"synthesizer": synthesizer}, optimizers=[k + b])
-                    nodes.insert(b + 1, synth)
+        if not hasattr(self, "_nodes"):  # built once: nodes hold per-node state
+            k, self._nodes = len(self.components), []
+            for i in range(k):
+                self._nodes.append(self.make_node(i))
+                if self.oracle and i < len(self.synthesizers):
+                    modules = {"synthesizer": self.synthesizers[i]}
+                    self._nodes.append(Node(k + i, modules, optimizers=[k + i]))
         return self._nodes
 
     def component_of(self, index: int) -> int:

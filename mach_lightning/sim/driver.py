@@ -41,6 +41,7 @@ class LockstepDriver:
         self.rule, self.nodes = rule, nodes
         self.in_flight = InFlight()
         self._reads = [rule.reads_input(n.index) for n in nodes]  # asked once, not every step
+        self.component_of = {n.index: rule.component_of(n.index) for n in nodes}  # diagnostics
 
     def forward(self, x, y, step: int, delays: list[int], active=None) -> StepResult:
         """Every node's step for batch `step`: outboxes and the objective (no backward yet).

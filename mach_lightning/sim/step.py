@@ -46,7 +46,7 @@ def train_step(module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tens
             optimizer.step()
         if diagnostics is not None:
             for age in out.ages if out.ages is not None else [step - b for b in out.applied]:
-                diagnostics.staleness.record(module.rule.component_of(node.index), age)
+                diagnostics.staleness.record(module.driver.component_of[node.index], age)
     if measured is not None:
         diagnostics.probe_metrics = probe.compare(measured, module.components, applied)
     if probe is not None:
@@ -66,9 +66,10 @@ def measure(clock, module, x: torch.Tensor, step: int) -> None:
         clock.measure_work(module, build, x.device, step)
     if clock.times_optimizers:  # each component's optimizers: its nodes' (simtime.optimizer_step)
         groups, per = rule.optimizer_groups(), [[] for _ in clock.fwd_ms]
-        for node in rule.nodes():
-            if rule.component_of(node.index) < len(per):
-                per[rule.component_of(node.index)].extend(groups[j] for j in node.optimizers)
+        for node in module.driver.nodes:
+            i = module.driver.component_of[node.index]
+            if i < len(per):
+                per[i].extend(groups[j] for j in node.optimizers)
         clock.measure_optimizers(module, per, x.device, step)
 
 
